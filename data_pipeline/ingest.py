@@ -1,0 +1,142 @@
+"""Ingest: turn inputs (files, directories, globs; text or JSONL, optionally gzip/zstd) into documents.
+
+Owns the built-in default corpus (this Python's standard library sources, found through ``sysconfig``) and the
+counted handling of bad input: invalid UTF-8, JSONL records without the text field, unreadable files.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launcher.config import DataConfig
+from launcher.errors import DataError
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+
+
+@dataclass(frozen=True)
+class Document:
+    source: str
+    """Where it came from: ``path`` or ``path:line`` for JSONL."""
+    text: str
+
+
+@dataclass
+class IngestStats:
+    files: int = 0
+    documents: int = 0
+    bytes: int = 0
+    skipped_invalid_utf8: int = 0
+    skipped_missing_field: int = 0
+    skipped_files: list[str] = field(default_factory=list)
+
+
+def default_corpus_root() -> Path:
+    """The standard library of the running Python: real text present wherever Shardforge runs."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def default_corpus_files() -> list[Path]:
+    root = default_corpus_root()
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
+
+
+def _has_suffix(path: Path, suffixes: list[str] | tuple[str, ...]) -> bool:
+    name = path.name
+    return any(name.endswith(s) for s in suffixes)
+
+
+def resolve_inputs(cfg: DataConfig) -> list[Path]:
+    """Expand ``data.inputs`` into a sorted, de-duplicated list of files; fail naming a missing input."""
+    if not cfg.inputs:
+        return default_corpus_files()
+    files: list[Path] = []
+    for item in cfg.inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += [f for f in p.rglob("*") if f.is_file() and _has_suffix(f, cfg.extensions)]
+        elif p.is_file():
+            files.append(p)
+        elif glob.has_magic(item):
+            matched = [Path(m) for m in glob.glob(item, recursive=True)]
+            files += [f for f in matched if f.is_file()]
+            if not matched:
+                raise DataError(f"data.inputs: glob '{item}' matches no file", fix="check the pattern")
+        else:
+            raise DataError(f"data.inputs: '{item}' does not exist", fix="give an existing file, directory or glob")
+    return sorted(set(files))
+
+
+def _open_bytes(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read input file '{path}': {e.strerror}", fix="check its permissions") from None
+    if path.name.endswith(".gz"):
+        return gzip.decompress(raw)
+    if path.name.endswith(".zst"):
+        import zstandard
+
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as reader:
+            return reader.read()
+    return raw
+
+
+def _decode(path: Path, raw: bytes, cfg: DataConfig, stats: IngestStats) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if cfg.on_invalid_utf8 == "fail":
+            raise DataError(
+                f"input file '{path}' is not valid UTF-8 (byte {e.start})",
+                fix="convert it to UTF-8, or set data.on_invalid_utf8=skip to count and skip such files",
+            ) from None
+        stats.skipped_invalid_utf8 += 1
+        stats.skipped_files.append(str(path))
+        return None
+
+
+def _jsonl_documents(path: Path, text: str, cfg: DataConfig, stats: IngestStats) -> Iterator[Document]:
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        value = record.get(cfg.text_field) if isinstance(record, dict) else None
+        if not isinstance(value, str):
+            if cfg.on_missing_field == "fail":
+                raise DataError(
+                    f"{path}:{lineno}: no string field '{cfg.text_field}' in this JSONL record",
+                    fix="set data.text_field to the field holding the text, or data.on_missing_field=skip",
+                )
+            stats.skipped_missing_field += 1
+            continue
+        yield Document(f"{path}:{lineno}", value)
+
+
+def iter_documents(cfg: DataConfig, stats: IngestStats | None = None) -> Iterator[Document]:
+    """Yield documents from every input in a stable order, counting what is skipped in ``stats``."""
+    stats = stats if stats is not None else IngestStats()
+    for path in resolve_inputs(cfg):
+        text = _decode(path, _open_bytes(path), cfg, stats)
+        if text is None:
+            continue
+        stats.files += 1
+        docs = _jsonl_documents(path, text, cfg, stats) if _has_suffix(path, JSONL_SUFFIXES) else [
+            Document(str(path), text)
+        ]
+        for doc in docs:
+            if cfg.max_documents is not None and stats.documents >= cfg.max_documents:
+                return
+            stats.documents += 1
+            stats.bytes += len(doc.text.encode("utf-8"))
+            yield doc

@@ -1,0 +1,211 @@
+"""``shardforge data prepare``: raw text to verified webdataset shards, in one atomic step.
+
+Pass 1 ingests, cleans, filters, deduplicates and splits documents into per-split JSONL files in a temporary
+folder. The tokenizer is then trained on a hash-selected sample of the training split (or copied). Pass 2
+tokenizes in worker processes and packs each split into shards. The manifest is written last and the folder
+renamed into place, so an interrupted run never leaves something a later step could take as complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from launcher.config import RunConfig
+from launcher.errors import DataError
+
+from data_pipeline.filters import FilterPipeline
+from data_pipeline.ingest import IngestStats, iter_documents, resolve_inputs
+from data_pipeline.manifest import FORMAT, MANIFEST, read_manifest, write_json_atomic
+from data_pipeline.pack import SplitWriter, Tokenizer, token_dtype
+from data_pipeline.split import SPLIT_NAMES, DigestSet, assign_split, content_digest, unit_interval
+from data_pipeline.tokenizer import file_sha256, load_tokenizer, train_tokenizer
+
+TOKENIZER_FILE = "tokenizer/tokenizer.model"
+
+
+@dataclass
+class PrepareResult:
+    output_dir: Path
+    manifest: dict
+    reused: bool
+
+
+def _progress(iterable, desc: str, total: int | None = None, unit: str = "doc"):
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=None, leave=False, mininterval=1.0)
+
+
+def dataset_fingerprint(cfg: RunConfig) -> str:
+    """Hash of everything that decides the dataset's content: data and tokenizer settings and the inputs."""
+    data = cfg.data.model_dump(mode="json", exclude={"output_dir", "num_workers"})
+    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in resolve_inputs(cfg.data)]
+    tok = cfg.tokenizer.model_dump(mode="json")
+    if cfg.tokenizer.model_file:
+        tok["model_file"] = file_sha256(cfg.tokenizer.model_file)
+    blob = json.dumps({"data": data, "tokenizer": tok, "files": files}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _check_output_dir(out: Path, fingerprint: str, overwrite: bool) -> dict | None:
+    """Return the existing manifest if ``out`` already holds this very dataset; refuse to clobber another."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None
+    if (out / MANIFEST).is_file():
+        existing = read_manifest(out)
+        if existing.get("fingerprint") == fingerprint:
+            return existing
+    if overwrite:
+        return None
+    raise DataError(
+        f"data.output_dir '{out}' already holds a different dataset (or other files)",
+        fix="choose another data.output_dir, or pass --overwrite to replace it",
+    )
+
+
+def _split_documents(cfg: RunConfig, work: Path, stats: IngestStats, filt: FilterPipeline) -> dict:
+    """Pass 1: write each split's cleaned documents to ``work/documents/<split>.jsonl``."""
+    doc_dir = work / "documents"
+    doc_dir.mkdir(parents=True)
+    files = {s: open(doc_dir / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLIT_NAMES}
+    info = {s: {"documents": 0, "bytes": 0, "digests": DigestSet()} for s in SPLIT_NAMES}
+    try:
+        for doc in _progress(filt.run(iter_documents(cfg.data, stats)), "clean+filter+dedup"):
+            digest = content_digest(doc.text)
+            split = assign_split(digest, cfg.data.split)
+            files[split].write(json.dumps({"text": doc.text, "digest": digest.hex()}) + "\n")
+            info[split]["documents"] += 1
+            info[split]["bytes"] += len(doc.text.encode("utf-8"))
+            info[split]["digests"].add(digest)
+    finally:
+        for f in files.values():
+            f.close()
+    if stats.documents == 0:
+        raise DataError(
+            "the corpus is empty: data.inputs yielded no documents"
+            + (f" ({stats.skipped_invalid_utf8} files skipped as invalid UTF-8)" if stats.skipped_invalid_utf8 else ""),
+            fix="point data.inputs at files with text",
+        )
+    if info["train"]["documents"] == 0:
+        raise DataError(
+            f"all {stats.documents} documents were filtered out or none fell in the train split",
+            fix="loosen data.min_chars / quality thresholds or give more documents",
+        )
+    return info
+
+
+def _read_split(work: Path, split: str) -> Iterator[dict]:
+    with open(work / "documents" / f"{split}.jsonl", encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def _make_tokenizer(cfg: RunConfig, work: Path, train_bytes: int) -> Path:
+    out = work / TOKENIZER_FILE
+    out.parent.mkdir(parents=True)
+    if cfg.tokenizer.model_file:
+        load_tokenizer(cfg.tokenizer.model_file)  # fails clearly on a bad file
+        shutil.copyfile(cfg.tokenizer.model_file, out)
+        return out
+    rate = cfg.tokenizer.sample_mb * 1e6 / max(train_bytes, 1)
+    salt = f"tokenizer-sample-{cfg.data.seed}".encode()
+    sample = (
+        rec["text"] for rec in _read_split(work, "train") if unit_interval(bytes.fromhex(rec["digest"]), salt) < rate
+    )
+    train_tokenizer(sample, cfg.tokenizer, out, seed=cfg.data.seed)
+    return out
+
+
+def _pack_split(cfg: RunConfig, work: Path, split: str, tok: Tokenizer, vocab_size: int, n_docs: int) -> dict:
+    writer = SplitWriter(
+        work / split,
+        split,
+        sample_tokens=cfg.data.seq_length + 1,
+        dtype=token_dtype(vocab_size),
+        max_shard_bytes=int(cfg.data.shard_size_mb * 1e6),
+    )
+    texts = (rec["text"] for rec in _read_split(work, split))
+    for ids in _progress(tok.encode(texts), f"tokenize+pack {split}", total=n_docs):
+        writer.add_document(ids)
+    writer.close()
+    return writer.summary()
+
+
+def prepare_dataset(cfg: RunConfig, overwrite: bool = False) -> PrepareResult:
+    """Run the whole pipeline for ``cfg`` and return the manifest; reuse an identical finished dataset."""
+    out = Path(cfg.data.output_dir)
+    fingerprint = dataset_fingerprint(cfg)
+    existing = _check_output_dir(out, fingerprint, overwrite)
+    if existing is not None:
+        return PrepareResult(out, existing, reused=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    work = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        manifest = _build(cfg, work, fingerprint)
+        _publish(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return PrepareResult(out, manifest, reused=False)
+
+
+def _build(cfg: RunConfig, work: Path, fingerprint: str) -> dict:
+    stats = IngestStats()
+    filt = FilterPipeline(cfg.data)
+    info = _split_documents(cfg, work, stats, filt)
+    tok_file = _make_tokenizer(cfg, work, info["train"]["bytes"])
+    sp = load_tokenizer(tok_file)
+    splits = {}
+    with Tokenizer(tok_file, cfg.data.num_workers) as tok:
+        for s in SPLIT_NAMES:
+            splits[s] = _pack_split(cfg, work, s, tok, sp.get_piece_size(), info[s]["documents"])
+            splits[s]["documents_digest"] = info[s]["digests"].hexdigest()
+            splits[s]["text_bytes"] = info[s]["bytes"]
+    if splits["train"]["samples"] == 0:
+        raise DataError(
+            f"the train split holds {splits['train']['dropped_tail_tokens']} tokens, fewer than one sample of "
+            f"data.seq_length+1={cfg.data.seq_length + 1}",
+            fix="give more text or lower data.seq_length",
+        )
+    shutil.rmtree(work / "documents")
+    manifest = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "seq_length": cfg.data.seq_length,
+        "sample_tokens": cfg.data.seq_length + 1,
+        "dtype": token_dtype(sp.get_piece_size()).name,
+        "tokenizer": {
+            "file": TOKENIZER_FILE,
+            "sha256": file_sha256(tok_file),
+            "vocab_size": sp.get_piece_size(),
+            "model_type": cfg.tokenizer.model_type if not cfg.tokenizer.model_file else "reused",
+            "bos_id": sp.bos_id(),
+            "eos_id": sp.eos_id(),
+            "pad_id": sp.pad_id(),
+        },
+        "splits": splits,
+        "ingest": {k: v for k, v in asdict(stats).items() if k != "skipped_files"},
+        "skipped_files": stats.skipped_files[:100],
+        "filter_report": filt.report(),
+        "config": {"data": cfg.data.model_dump(mode="json"), "tokenizer": cfg.tokenizer.model_dump(mode="json")},
+    }
+    write_json_atomic(work / MANIFEST, manifest)
+    return manifest
+
+
+def _publish(work: Path, out: Path) -> None:
+    """Move the finished dataset into place; an old one (only with --overwrite) is removed after the swap."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(work, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

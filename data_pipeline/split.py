@@ -1,0 +1,48 @@
+"""Deterministic train/validation/test assignment by a hash of each document's content.
+
+A document's split depends on its text alone, so adding documents later never moves an existing one, and the
+same text lands in the same split on every machine and in every Slurm array task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def content_digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+def unit_interval(digest: bytes, salt: bytes = b"") -> float:
+    """Map a digest (and an optional salt) to a number in [0, 1)."""
+    if salt:
+        digest = hashlib.sha256(salt + digest).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_split(digest: bytes, fractions: tuple[float, float, float]) -> str:
+    u = unit_interval(digest, b"split")
+    edge = 0.0
+    for name, frac in zip(SPLIT_NAMES, fractions):
+        edge += frac
+        if u < edge:
+            return name
+    return [n for n, f in zip(SPLIT_NAMES, fractions) if f > 0][-1]  # rounding at the top edge
+
+
+class DigestSet:
+    """An order-independent digest of a set of documents: sha256 over their sorted content digests."""
+
+    def __init__(self) -> None:
+        self._members: list[bytes] = []
+
+    def add(self, digest: bytes) -> None:
+        self._members.append(digest)
+
+    def hexdigest(self) -> str:
+        h = hashlib.sha256()
+        for d in sorted(self._members):
+            h.update(d)
+        return h.hexdigest()

@@ -1,0 +1,109 @@
+"""The ``shardforge`` command line: parse, dispatch, and turn user errors into one line and an exit code.
+
+Each command is a small function taking the parsed arguments; heavy imports happen inside it, so
+``shardforge --help`` stays fast. Add a command by adding a parser in ``build_parser`` and a handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from launcher.errors import EXIT_INTEGRITY, EXIT_OK, ShardforgeError
+
+
+def _load(args: argparse.Namespace):
+    from launcher.config import load_config
+
+    return load_config(args.config, getattr(args, "overrides", []))
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    print(_load(args).to_yaml(), end="")
+    return EXIT_OK
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from data_pipeline.manifest import format_table
+    from data_pipeline.prepare import prepare_dataset
+
+    cfg = _load(args)
+    result = prepare_dataset(cfg, overwrite=args.overwrite)
+    state = "up to date (same inputs and settings), reused" if result.reused else "prepared"
+    print(f"dataset {state}: {result.output_dir}")
+    print(format_table(result.manifest))
+    return EXIT_OK
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from data_pipeline.manifest import format_table, read_manifest
+
+    print(format_table(read_manifest(args.dir)))
+    return EXIT_OK
+
+
+def cmd_data_verify(args: argparse.Namespace) -> int:
+    from data_pipeline.manifest import read_manifest, verify_dataset
+
+    manifest = read_manifest(args.dir)
+    problems = verify_dataset(args.dir, manifest)
+    n = sum(len(s["shards"]) for s in manifest["splits"].values()) + 1
+    for p in problems:
+        print(f"FAIL {p}")
+    if problems:
+        print(f"error: {len(problems)} of {n} files do not match the manifest in {args.dir}", file=sys.stderr)
+        return EXIT_INTEGRITY
+    print(f"OK: {n} files match {args.dir}/manifest.json")
+    return EXIT_OK
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("-c", "--config", required=required, help="run config YAML (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shardforge", description="Raw text to a trained, evaluated, deployable language model."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    cfg = sub.add_parser("config", help="show the resolved run config").add_subparsers(
+        dest="sub", metavar="SUBCOMMAND", required=True
+    )
+    p = cfg.add_parser("show", help="print the config after defaults and overrides")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config_show)
+
+    data = sub.add_parser("data", help="prepare, inspect and verify datasets").add_subparsers(
+        dest="sub", metavar="SUBCOMMAND", required=True
+    )
+    p = data.add_parser("prepare", help="ingest, clean, dedup, tokenize and shard a corpus")
+    _add_config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace a different dataset in data.output_dir")
+    p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("inspect", help="print a prepared dataset's manifest as a table")
+    p.add_argument("dir", help="dataset directory holding manifest.json")
+    p.set_defaults(func=cmd_data_inspect)
+    p = data.add_parser("verify", help="re-check every shard's and the tokenizer's sha256")
+    p.add_argument("dir", help="dataset directory holding manifest.json")
+    p.set_defaults(func=cmd_data_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return handler(args)
+    except ShardforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

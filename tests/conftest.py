@@ -1,0 +1,60 @@
+"""Shared fixtures: small real corpora (copies of standard-library sources) and a prepared dataset."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.ingest import default_corpus_root
+from launcher.config import load_config, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stdlib_files(n: int, pattern: str = "*.py") -> list[Path]:
+    """``n`` real source files from the standard library (deterministic for a Python version)."""
+    root = default_corpus_root()
+    files = sorted(p for p in root.glob(pattern) if p.stat().st_size > 2000)
+    return files[:n]
+
+
+def make_corpus(dest: Path, n: int = 40) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in stdlib_files(n):
+        shutil.copyfile(f, dest / f.name)
+    return dest
+
+
+def small_config(tmp: Path, inputs: list[str], **sections) -> object:
+    raw = {
+        "run_dir": str(tmp / "run"),
+        "data": {
+            "inputs": inputs,
+            "seq_length": 64,
+            "split": [0.8, 0.1, 0.1],
+            "shard_size_mb": 0.25,
+            "num_workers": 2,
+        },
+        "tokenizer": {"vocab_size": 512, "sample_mb": 1.0},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return validate_config(raw, "test")
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """A prepared dataset of 60 standard-library files (seq_length 64, vocab 512)."""
+    from data_pipeline.prepare import prepare_dataset
+
+    tmp = tmp_path_factory.mktemp("prepared")
+    corpus = make_corpus(tmp / "corpus", 60)
+    cfg = small_config(tmp, [str(corpus)])
+    return prepare_dataset(cfg).output_dir
+
+
+@pytest.fixture
+def quickstart_config():
+    return load_config(REPO / "configs" / "quickstart.yaml")

@@ -1,0 +1,1 @@
+"""Model definitions, the trainer, checkpoints, evaluation and export (see README: Architecture)."""
