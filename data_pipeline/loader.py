@@ -29,7 +29,7 @@ import numpy as np
 from launcher.errors import DataError, IntegrityError
 
 from data_pipeline.manifest import MANIFEST, read_manifest
-from data_pipeline.pack import decode_sample
+from data_pipeline.tarshard import read_token_samples
 from data_pipeline.tokenizer import load_tokenizer
 
 Segment = tuple[int, int, int]  # (shard index, start, end) in the shard's permuted sample order
@@ -158,12 +158,9 @@ class ShardReader:
 
     @staticmethod
     def _parse(data: bytes, where: str) -> list[np.ndarray]:
-        from webdataset.tariterators import base_plus_ext, tar_file_iterator
-
         try:
-            members = tar_file_iterator(io.BytesIO(data))
-            return [decode_sample(m["data"]) for m in members if base_plus_ext(m["fname"])[1] == "tokens.npy"]
-        except Exception as e:  # noqa: BLE001 - tarfile/numpy raise many types for damaged bytes
+            return read_token_samples(data)
+        except Exception as e:  # noqa: BLE001 - tar and numpy raise many types for damaged bytes
             raise IntegrityError(f"shard '{where}' cannot be read as a webdataset tar ({e})") from None
 
 

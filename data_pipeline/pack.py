@@ -32,10 +32,6 @@ def encode_sample(tokens: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_sample(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
 def _init_worker(model_bytes: bytes) -> None:
     import sentencepiece as spm
 

@@ -174,7 +174,9 @@ def _build(cfg: RunConfig, work: Path, fingerprint: str) -> dict:
             f"data.seq_length+1={cfg.data.seq_length + 1}",
             fix="give more text or lower data.seq_length",
         )
-    shutil.rmtree(work / "documents")
+    for s in SPLIT_NAMES:  # keep only the per-split lists of document digests
+        (work / "documents" / f"{s}.jsonl").unlink()
+        info[s]["digests"].write(work / "documents" / f"{s}.sha256")
     manifest = {
         "format": FORMAT,
         "fingerprint": fingerprint,

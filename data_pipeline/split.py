@@ -41,6 +41,11 @@ class DigestSet:
     def add(self, digest: bytes) -> None:
         self._members.append(digest)
 
+    def write(self, path) -> None:
+        """One hex digest per line, sorted: which documents a split holds, for audits and comparisons."""
+        with open(path, "w", encoding="ascii") as f:
+            f.writelines(d.hex() + "\n" for d in sorted(self._members))
+
     def hexdigest(self) -> str:
         h = hashlib.sha256()
         for d in sorted(self._members):

@@ -69,7 +69,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_file: Path, 
         first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
         raise DataError(
             f"SentencePiece could not train a {cfg.vocab_size}-piece tokenizer: {first}",
-            fix="lower tokenizer.vocab_size or give more text (tokenizer.sample_mb)",
+            fix="adjust tokenizer.vocab_size as the message says, or give more text (tokenizer.sample_mb)",
         ) from None
     out_file.write_bytes(model.getvalue())
 

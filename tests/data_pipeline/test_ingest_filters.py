@@ -1,0 +1,116 @@
+"""Ingest of every input format, bad-input handling, and the counted filter stages."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import zstandard
+
+from data_pipeline.filters import FilterPipeline, clean_text
+from data_pipeline.ingest import Document, IngestStats, iter_documents
+from launcher.config import DataConfig
+from launcher.errors import DataError
+
+
+def corpus(tmp_path):
+    (tmp_path / "a.txt").write_text("plain text document one")
+    (tmp_path / "b.md").write_text("# markdown\n\nsecond document")
+    (tmp_path / "c.py").write_text("def f():\n    return 3\n")
+    (tmp_path / "skip.bin").write_bytes(b"\x00\x01")
+    rows = [{"body": "jsonl one"}, {"body": "jsonl two"}]
+    lines = "\n".join(json.dumps(r) for r in rows) + "\n"
+    (tmp_path / "d.jsonl").write_text(lines)
+    (tmp_path / "e.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    (tmp_path / "f.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    return tmp_path
+
+
+def test_every_format_is_ingested_in_a_stable_order(tmp_path):
+    cfg = DataConfig(inputs=[str(corpus(tmp_path))], text_field="body")
+    stats = IngestStats()
+    docs = list(iter_documents(cfg, stats))
+    assert [d.text for d in docs] == [
+        "plain text document one", "# markdown\n\nsecond document", "def f():\n    return 3\n",
+        "jsonl one", "jsonl two", "jsonl one", "jsonl two", "jsonl one", "jsonl two",
+    ]
+    assert docs[3].source.endswith("d.jsonl:1")
+    assert (stats.files, stats.documents) == (6, 9)
+    assert stats.bytes == sum(len(d.text.encode()) for d in docs)
+
+
+def test_globs_and_max_documents(tmp_path):
+    corpus(tmp_path)
+    cfg = DataConfig(inputs=[str(tmp_path / "*.jsonl*")], text_field="body", max_documents=4)
+    assert len(list(iter_documents(cfg))) == 4
+
+
+def test_missing_text_field_fails_or_is_counted(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"text": "ok"}\n{"other": 1}\nnot json\n')
+    with pytest.raises(DataError, match=r"x.jsonl:2: no string field 'text'"):
+        list(iter_documents(DataConfig(inputs=[str(tmp_path)])))
+    stats = IngestStats()
+    docs = list(iter_documents(DataConfig(inputs=[str(tmp_path)], on_missing_field="skip"), stats))
+    assert [d.text for d in docs] == ["ok"] and stats.skipped_missing_field == 2
+
+
+def test_invalid_utf8_is_counted_or_fails_naming_the_file(tmp_path):
+    (tmp_path / "good.txt").write_text("fine text")
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 latin-1")
+    stats = IngestStats()
+    docs = list(iter_documents(DataConfig(inputs=[str(tmp_path)]), stats))
+    assert [d.text for d in docs] == ["fine text"]
+    assert stats.skipped_invalid_utf8 == 1 and stats.skipped_files[0].endswith("bad.txt")
+    with pytest.raises(DataError, match=r"bad.txt' is not valid UTF-8 \(byte 3\).*on_invalid_utf8=skip"):
+        list(iter_documents(DataConfig(inputs=[str(tmp_path)], on_invalid_utf8="fail")))
+
+
+def test_missing_input_is_named(tmp_path):
+    with pytest.raises(DataError, match="'.*nowhere' does not exist"):
+        list(iter_documents(DataConfig(inputs=[str(tmp_path / "nowhere")])))
+    with pytest.raises(DataError, match="matches no file"):
+        list(iter_documents(DataConfig(inputs=[str(tmp_path / "*.nothing")])))
+
+
+def test_clean_text_normalizes_and_strips_control_characters():
+    assert clean_text("e\u0301\r\nx\x00y\x1b\tz\ufeff") == "\u00e9\nxy\tz"
+
+
+def run_filters(texts, **kw):
+    cfg = DataConfig(**{"min_chars": 10, **kw})
+    pipe = FilterPipeline(cfg)
+    kept = [d.text for d in pipe.run(Document(str(i), t) for i, t in enumerate(texts))]
+    return kept, pipe.report()
+
+
+def test_each_stage_drops_and_counts_what_it_should():
+    words = [f"word{i} value{i * 7} item{i % 13}" for i in range(400)]
+    base = " ".join(words)
+    near = base.replace("word5 ", "wordfive ", 1)  # one word changed in ~1200
+    other = " ".join(reversed(words[:200])) + " different tail text " * 3
+    texts = [
+        base,
+        base,  # exact duplicate
+        near,  # near duplicate
+        other,
+        "short",  # too short
+        "abcd12!@#$%^&*()" * 4,  # mostly symbols
+        "\n".join(["same line here"] * 20),  # repeated lines
+        "\x00\x01\x02",  # empty after cleaning
+    ]
+    kept, report = run_filters(texts)
+    assert kept == [base, other]
+    stages = report["stages"]
+    assert {k: v["docs_dropped"] for k, v in stages.items()} == {
+        "clean": 1, "length": 1, "quality": 2, "exact_dedup": 1, "near_dedup": 1,
+    }
+    assert stages["exact_dedup"]["bytes_dropped"] == len(base)
+    assert stages["near_dedup"]["bytes_dropped"] == len(near)
+    assert report["reasons"] == {"empty_after_clean": 1, "repeated_lines": 1, "symbol_ratio": 1, "too_short": 1}
+    assert report["docs_out"] == 2 and report["bytes_out"] == len(base) + len(other)
+
+
+def test_dedup_can_be_switched_off():
+    kept, _ = run_filters(["a document of some length"] * 3, dedup_exact=False, dedup_near=False)
+    assert len(kept) == 3
