@@ -131,9 +131,11 @@ def iter_documents(cfg: DataConfig, stats: IngestStats | None = None) -> Iterato
         if text is None:
             continue
         stats.files += 1
-        docs = _jsonl_documents(path, text, cfg, stats) if _has_suffix(path, JSONL_SUFFIXES) else [
-            Document(str(path), text)
-        ]
+        docs = (
+            _jsonl_documents(path, text, cfg, stats)
+            if _has_suffix(path, JSONL_SUFFIXES)
+            else [Document(str(path), text)]
+        )
         for doc in docs:
             if cfg.max_documents is not None and stats.documents >= cfg.max_documents:
                 return

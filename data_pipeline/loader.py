@@ -18,7 +18,6 @@ checked against the manifest's sha256 and sample count when first read.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from launcher.errors import DataError, IntegrityError
-
 from data_pipeline.manifest import MANIFEST, read_manifest
 from data_pipeline.tarshard import read_token_samples
 from data_pipeline.tokenizer import load_tokenizer
+from launcher.errors import DataError, IntegrityError
 
 Segment = tuple[int, int, int]  # (shard index, start, end) in the shard's permuted sample order
 
@@ -193,9 +191,7 @@ class SampleStream:
     def plan(self, epoch: int) -> list[Segment]:
         if epoch == self.epoch and self._custom is not None:
             return self._custom
-        return EpochPlan.build(self.reader.counts, self.seed, epoch, self.dp_size, self.shuffle).segments[
-            self.dp_rank
-        ]
+        return EpochPlan.build(self.reader.counts, self.seed, epoch, self.dp_size, self.shuffle).segments[self.dp_rank]
 
     def _order(self, epoch: int, shard: int) -> np.ndarray:
         n = self.reader.counts[shard]

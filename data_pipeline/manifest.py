@@ -11,9 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from launcher.errors import DataError, IntegrityError
-
 from data_pipeline.tokenizer import file_sha256
+from launcher.errors import DataError, IntegrityError
 
 MANIFEST = "manifest.json"
 FORMAT = "shardforge-shards/1"

@@ -41,7 +41,8 @@ def _init_worker(model_bytes: bytes) -> None:
 
 def _encode_batch(texts: list[str]) -> list[np.ndarray]:
     ids = _WORKER_SP.encode(texts, num_threads=1)
-    return [np.asarray(x, dtype=np.int32) for x in ids]
+    dtype = token_dtype(_WORKER_SP.get_piece_size())  # uint16 halves what travels back to the parent
+    return [np.asarray(x, dtype=dtype) for x in ids]
 
 
 def _batches(texts: Iterable[str], max_chars: int = 1 << 20) -> Iterator[list[str]]:
@@ -134,7 +135,7 @@ class SplitWriter:
     def add_document(self, ids: np.ndarray) -> None:
         self.documents += 1
         self._chunks.append(ids)
-        self._chunks.append(np.array([EOS_ID], dtype=np.int32))
+        self._chunks.append(np.array([EOS_ID], dtype=ids.dtype))
         self._buffered += len(ids) + 1
         if self._buffered >= self.sample_tokens:
             self._flush_full_samples()
@@ -143,7 +144,7 @@ class SplitWriter:
         stream = np.concatenate(self._chunks)
         n = len(stream) // self.sample_tokens
         for i in range(n):
-            sample = stream[i * self.sample_tokens : (i + 1) * self.sample_tokens].astype(self.dtype)
+            sample = stream[i * self.sample_tokens : (i + 1) * self.sample_tokens].astype(self.dtype, copy=False)
             self._write(sample)
         rest = stream[n * self.sample_tokens :]
         self._chunks, self._buffered = [rest], len(rest)

@@ -16,15 +16,14 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from launcher.config import RunConfig
-from launcher.errors import DataError
-
 from data_pipeline.filters import FilterPipeline
 from data_pipeline.ingest import IngestStats, iter_documents, resolve_inputs
 from data_pipeline.manifest import FORMAT, MANIFEST, read_manifest, write_json_atomic
 from data_pipeline.pack import SplitWriter, Tokenizer, token_dtype
 from data_pipeline.split import SPLIT_NAMES, DigestSet, assign_split, content_digest, unit_interval
 from data_pipeline.tokenizer import file_sha256, load_tokenizer, train_tokenizer
+from launcher.config import RunConfig
+from launcher.errors import DataError
 
 TOKENIZER_FILE = "tokenizer/tokenizer.model"
 

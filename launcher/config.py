@@ -250,13 +250,9 @@ def layout_problems(cfg: RunConfig) -> list[str]:
             f"does not equal parallel.nproc={p.nproc}; make the product equal the world size"
         )
     if m.arch in ("lstm", "gru") and (p.tp > 1 or p.pp > 1):
-        out.append(
-            f"model.arch={m.arch} supports only data parallelism; set parallel.tp=1 and parallel.pp=1"
-        )
+        out.append(f"model.arch={m.arch} supports only data parallelism; set parallel.tp=1 and parallel.pp=1")
     if m.arch == "gpt" and m.num_attention_heads % p.tp:
-        out.append(
-            f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}"
-        )
+        out.append(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}")
     if m.arch == "gpt" and (m.num_query_groups or m.num_attention_heads) % p.tp:
         out.append(f"model.num_query_groups={m.num_query_groups} is not divisible by parallel.tp={p.tp}")
     if m.num_layers % p.pp:

@@ -32,8 +32,15 @@ def test_every_format_is_ingested_in_a_stable_order(tmp_path):
     stats = IngestStats()
     docs = list(iter_documents(cfg, stats))
     assert [d.text for d in docs] == [
-        "plain text document one", "# markdown\n\nsecond document", "def f():\n    return 3\n",
-        "jsonl one", "jsonl two", "jsonl one", "jsonl two", "jsonl one", "jsonl two",
+        "plain text document one",
+        "# markdown\n\nsecond document",
+        "def f():\n    return 3\n",
+        "jsonl one",
+        "jsonl two",
+        "jsonl one",
+        "jsonl two",
+        "jsonl one",
+        "jsonl two",
     ]
     assert docs[3].source.endswith("d.jsonl:1")
     assert (stats.files, stats.documents) == (6, 9)
@@ -103,7 +110,11 @@ def test_each_stage_drops_and_counts_what_it_should():
     assert kept == [base, other]
     stages = report["stages"]
     assert {k: v["docs_dropped"] for k, v in stages.items()} == {
-        "clean": 1, "length": 1, "quality": 2, "exact_dedup": 1, "near_dedup": 1,
+        "clean": 1,
+        "length": 1,
+        "quality": 2,
+        "exact_dedup": 1,
+        "near_dedup": 1,
     }
     assert stages["exact_dedup"]["bytes_dropped"] == len(base)
     assert stages["near_dedup"]["bytes_dropped"] == len(near)

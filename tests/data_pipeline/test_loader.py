@@ -57,7 +57,9 @@ def test_each_epoch_reshuffles_the_same_samples(prepared):
     e0 = [next(it) for _ in range(n)]
     e1 = [next(it) for _ in range(n)]
     assert e0 != e1 and sorted(e0) == sorted(e1)
-    other_seed = [key(t) for t, _ in zip((s for s, _ in SampleStream(prepared, "train", 0, 1, seed=4).samples()), range(n))]
+    other_seed = [
+        key(t) for t, _ in zip((s for s, _ in SampleStream(prepared, "train", 0, 1, seed=4).samples()), range(n))
+    ]
     assert other_seed != e0
 
 

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece as spm
-
 from conftest import make_corpus, small_config, stdlib_files
+
 from data_pipeline.filters import clean_text
 from data_pipeline.loader import ShardReader, check_tokenizer
 from data_pipeline.manifest import read_manifest, verify_dataset
 from data_pipeline.prepare import prepare_dataset
 from data_pipeline.split import assign_split, content_digest
-from data_pipeline.tokenizer import EOS_ID, PAD_ID, BOS_ID, UNK_ID, file_sha256
+from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, file_sha256
 from launcher.errors import DataError, IntegrityError
 
 
@@ -31,7 +31,8 @@ def test_shards_hold_documents_joined_with_eos_in_order(prepared):
     sp = spm.SentencePieceProcessor(model_file=str(prepared / manifest["tokenizer"]["file"]))
     for split in ("train", "validation", "test"):
         docs = [
-            clean_text(f.read_text()) for f in stdlib_files(60)
+            clean_text(f.read_text())
+            for f in stdlib_files(60)
             if assign_split(content_digest(clean_text(f.read_text())), (0.8, 0.1, 0.1)) == split
         ]
         stream = np.concatenate([np.array(sp.encode(d) + [EOS_ID]) for d in docs])
@@ -156,7 +157,9 @@ def test_reused_tokenizer_and_mismatched_tokenizer(prepared, tmp_path):
     m = prepare_dataset(cfg).manifest
     assert m["tokenizer"]["sha256"] == file_sha256(model)
     check_tokenizer(cfg.data.output_dir, model)  # matches: no error
-    other = small_config(tmp_path, [str(corpus)], data={"output_dir": str(tmp_path / "o")}, tokenizer={"vocab_size": 420})
+    other = small_config(
+        tmp_path, [str(corpus)], data={"output_dir": str(tmp_path / "o")}, tokenizer={"vocab_size": 420}
+    )
     prepare_dataset(other)
     with pytest.raises(IntegrityError, match=r"tokenizer '.*tokenizer.model' .* does not match the shards"):
         check_tokenizer(str(tmp_path / "o"), model)

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import yaml
-
 from conftest import REPO
+
 from launcher.errors import EXIT_INTEGRITY, EXIT_USAGE
 
 
