@@ -69,9 +69,9 @@ def main() -> None:
     # the loader over those shards (sha256-verified, decoded, batched) beside reading the same bytes raw
     shards = sorted((tmp / "w1" / "train").glob("*.tar"))
     raw_s, raw_bytes = timed(lambda: sum(len(p.read_bytes()) for p in shards))
-    loader = BatchLoader(SampleStream(tmp / "w1", "train", 0, 1, shuffle=True), 1)
-    load_s, _ = timed(lambda: [next(loader) for _ in range(w1.samples)])
-    loaded = w1.samples * (SEQ + 1)
+    loader = BatchLoader(SampleStream(tmp / "w1", "train", shuffle=True), 8, 8)
+    load_s, _ = timed(lambda: [loader.next_step() for _ in range(w1.samples // 8)])
+    loaded = w1.samples // 8 * 8 * (SEQ + 1)
     write_result(
         "data",
         {

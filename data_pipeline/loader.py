@@ -1,26 +1,19 @@
-"""The streaming, resumable, data-parallel loader over webdataset shards.
+"""Random access into one split's global sample order, over webdataset shards.
 
-Sample order. Epoch ``e`` of a split is one global sequence: shards in an order drawn from ``(seed, e)``, and the
-samples of each shard in an order drawn from ``(seed, e, shard)`` (a per-epoch shuffle buffer one shard wide).
-Data-parallel rank ``r`` of ``dp`` reads the contiguous slice ``[r*q, (r+1)*q)`` of that sequence, ``q = N // dp``
-(the last ``N % dp`` samples of an epoch are dropped, as with ``drop_last``). Each rank therefore reads about
-``1/dp`` of the shards. A rank's plan is a list of segments ``(shard, start, end)`` of permuted shards.
+Sample order. The samples of a split form one endless global sequence, epoch after epoch. Epoch ``e`` visits the
+shards in an order drawn from ``(seed, e)`` and the samples of each shard in an order drawn from
+``(seed, e, shard)`` (a shuffle buffer one shard wide, new every epoch). Global position ``g`` is sample
+``g mod N`` of epoch ``g // N``; :meth:`SampleStream.read` returns any range of positions without replaying
+what came before, so a resume needs nothing but a position.
 
-Resume. ``state_dict()`` is ``(epoch, pos, segments)``: the plan and how far into it the consumer is. Restoring it
-on the same layout replays the identical sequence. :func:`reshard_loader_states` turns the states of ``dp`` ranks
-into states for ``dp'`` ranks by concatenating what each rank had left and slicing it anew, so no sample is
-repeated or skipped and the global sample count carries over.
-
-Shards are read with webdataset (local paths, URLs, or ``pipe:`` commands with a ``{path}`` placeholder), each
-checked against the manifest's sha256 and sample count when first read.
+Shards are read with webdataset's opener (local paths, URLs, or ``pipe:`` commands with a ``{path}``
+placeholder), each checked against the manifest's sha256 and sample count when first read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +22,6 @@ from data_pipeline.manifest import MANIFEST, read_manifest
 from data_pipeline.tarshard import read_token_samples
 from data_pipeline.tokenizer import load_tokenizer
 from launcher.errors import DataError, IntegrityError
-
-Segment = tuple[int, int, int]  # (shard index, start, end) in the shard's permuted sample order
 
 
 def _is_remote(root: str) -> bool:
@@ -77,50 +68,6 @@ def _rng(*keys: int) -> np.random.Generator:
     return np.random.default_rng([int(k) & 0xFFFFFFFF for k in keys])
 
 
-@dataclass(frozen=True)
-class EpochPlan:
-    """Where each of ``dp`` ranks reads in one epoch."""
-
-    segments: list[list[Segment]]
-
-    @staticmethod
-    def build(counts: list[int], seed: int, epoch: int, dp: int, shuffle: bool) -> EpochPlan:
-        order = _rng(seed, epoch).permutation(len(counts)) if shuffle else np.arange(len(counts))
-        flat: list[Segment] = [(int(s), 0, counts[s]) for s in order if counts[s] > 0]
-        return EpochPlan(_slice(flat, dp))
-
-
-def _slice(flat: list[Segment], dp: int) -> list[list[Segment]]:
-    """Cut a segment list into ``dp`` contiguous runs of equal sample count (remainder dropped)."""
-    total = sum(e - s for _, s, e in flat)
-    q = total // dp
-    out: list[list[Segment]] = [[] for _ in range(dp)]
-    rank, need = 0, q
-    for shard, start, end in flat:
-        while start < end and rank < dp:
-            take = min(need, end - start)
-            if take:
-                out[rank].append((shard, start, start + take))
-            start += take
-            need -= take
-            if need == 0:
-                rank, need = rank + 1, q
-    return out
-
-
-def _skip(segments: list[Segment], pos: int) -> list[Segment]:
-    """The part of ``segments`` left after consuming ``pos`` samples."""
-    out = []
-    for shard, start, end in segments:
-        n = end - start
-        if pos >= n:
-            pos -= n
-            continue
-        out.append((shard, start + pos, end))
-        pos = 0
-    return out
-
-
 class ShardReader:
     """Reads one split's shards, verifies them against the manifest and caches the last one in memory."""
 
@@ -163,105 +110,44 @@ class ShardReader:
 
 
 class SampleStream:
-    """One data-parallel rank's endless, exactly resumable sample sequence over one split."""
+    """The global, endless, shuffled sample sequence of one split; random access by position."""
 
     def __init__(
-        self,
-        root: str | Path,
-        split: str = "train",
-        dp_rank: int = 0,
-        dp_size: int = 1,
-        seed: int = 1234,
-        shuffle: bool = True,
-        verify: bool = True,
+        self, root: str | Path, split: str = "train", seed: int = 1234, shuffle: bool = True, verify: bool = True
     ):
-        assert 0 <= dp_rank < dp_size
-        self.reader = ShardReader(str(root), split, verify=verify)
-        self.split, self.dp_rank, self.dp_size = split, dp_rank, dp_size
-        self.seed, self.shuffle = seed, shuffle
-        if sum(self.reader.counts) < dp_size:
-            raise DataError(
-                f"split '{split}' of '{root}' has {sum(self.reader.counts)} samples, fewer than {dp_size} ranks",
-                fix="prepare more data or use fewer data-parallel ranks",
-            )
-        self.epoch, self.pos = 0, 0
-        self._custom: list[Segment] | None = None  # a plan set by resharding, valid for self.epoch only
+        self.root = str(root)
+        self.reader = ShardReader(self.root, split, verify=verify)
+        self.split, self.seed, self.shuffle = split, seed, shuffle
+        self.epoch_size = sum(self.reader.counts)
+        if self.epoch_size == 0:
+            raise DataError(f"split '{split}' of '{root}' holds no samples", fix="prepare more data")
+        self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
-    # --- plan -----------------------------------------------------------------------------------------
-    def plan(self, epoch: int) -> list[Segment]:
-        if epoch == self.epoch and self._custom is not None:
-            return self._custom
-        return EpochPlan.build(self.reader.counts, self.seed, epoch, self.dp_size, self.shuffle).segments[self.dp_rank]
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard order, cumulative sample offsets of that order) for ``epoch``."""
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            n = len(self.reader.counts)
+            order = _rng(self.seed, epoch).permutation(n) if self.shuffle else np.arange(n)
+            starts = np.concatenate([[0], np.cumsum([self.reader.counts[s] for s in order])])
+            self._epoch_cache = (epoch, order, starts)
+        return self._epoch_cache[1], self._epoch_cache[2]
 
-    def _order(self, epoch: int, shard: int) -> np.ndarray:
+    def _within(self, epoch: int, shard: int) -> np.ndarray:
         n = self.reader.counts[shard]
         return _rng(self.seed, epoch, shard, 7).permutation(n) if self.shuffle else np.arange(n)
 
-    # --- iteration --------------------------------------------------------------------------------------
-    def iter_from(self, epoch: int, pos: int) -> Iterator[tuple[np.ndarray, int, int]]:
-        """Yield ``(tokens, epoch, pos_after)`` forever, starting ``pos`` samples into ``epoch``."""
-        while True:
-            plan = self.plan(epoch)
-            if not plan and not (epoch == self.epoch and self._custom is not None):
-                raise DataError(f"split '{self.split}' gives rank {self.dp_rank} no samples per epoch")
-            done = pos
-            for shard, start, end in _skip(plan, pos):
-                samples, order = self.reader.samples(shard), self._order(epoch, shard)
-                for i in range(start, end):
-                    done += 1
-                    yield samples[order[i]], epoch, done
-            epoch, pos = epoch + 1, 0
-
-    def samples(self) -> Iterator[tuple[np.ndarray, tuple[int, int]]]:
-        """From the current position: ``(tokens, marker)``; ``advance(marker)`` moves past that sample."""
-        for tokens, epoch, pos in self.iter_from(self.epoch, self.pos):
-            yield tokens, (epoch, pos)
-
-    def advance(self, marker: tuple[int, int]) -> None:
-        epoch, pos = marker
-        if epoch != self.epoch:
-            self._custom = None
-        self.epoch, self.pos = epoch, pos
-
-    # --- state ------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {
-            "split": self.split,
-            "seed": self.seed,
-            "shuffle": self.shuffle,
-            "dp_rank": self.dp_rank,
-            "dp_size": self.dp_size,
-            "epoch": self.epoch,
-            "pos": self.pos,
-            "segments": [list(s) for s in self.plan(self.epoch)],
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if (state["dp_rank"], state["dp_size"]) != (self.dp_rank, self.dp_size):
-            raise DataError(
-                f"loader state is for rank {state['dp_rank']} of {state['dp_size']}, this is rank "
-                f"{self.dp_rank} of {self.dp_size}",
-                fix="convert the states with reshard_loader_states() first",
-            )
-        self.seed, self.shuffle = state["seed"], state["shuffle"]
-        self.epoch, self.pos = state["epoch"], state["pos"]
-        segs = [tuple(s) for s in state["segments"]]
-        self._custom = None
-        self._custom = segs if segs != self.plan(self.epoch) else None
-
-
-def reshard_loader_states(states: list[dict], new_dp: int) -> list[dict]:
-    """Give ``new_dp`` ranks what ``len(states)`` ranks had left of the current epoch, no sample twice."""
-    epochs = {s["epoch"] for s in states}
-    if len(epochs) != 1:
-        raise DataError(f"loader states disagree on the epoch ({sorted(epochs)}): they are not from one step")
-    states = sorted(states, key=lambda s: s["dp_rank"])
-    remaining: list[Segment] = []
-    for s in states:
-        remaining += _skip([tuple(x) for x in s["segments"]], s["pos"])
-    parts = _slice(remaining, new_dp)
-    base = {k: states[0][k] for k in ("split", "seed", "shuffle", "epoch")}
-    return [
-        {**base, "dp_rank": r, "dp_size": new_dp, "pos": 0, "segments": [list(x) for x in parts[r]]}
-        for r in range(new_dp)
-    ]
+    def read(self, start: int, count: int) -> list[np.ndarray]:
+        """Samples at global positions ``[start, start + count)``, crossing epochs as needed."""
+        out: list[np.ndarray] = []
+        pos = start
+        while len(out) < count:
+            epoch, offset = divmod(pos, self.epoch_size)
+            order, starts = self._epoch_order(epoch)
+            k = int(np.searchsorted(starts, offset, side="right")) - 1
+            shard = int(order[k])
+            samples, within = self.reader.samples(shard), self._within(epoch, shard)
+            first = offset - int(starts[k])
+            take = min(count - len(out), int(starts[k + 1]) - offset)
+            out += [samples[j] for j in within[first : first + take]]
+            pos += take
+        return out
