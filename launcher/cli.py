@@ -58,6 +58,23 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from launcher.spawn import run_ranks
+
+    cfg = _load(args)  # fails here, before any rank starts, on a bad config or layout
+    return run_ranks("launcher.train", cfg, args.config, args.overrides)
+
+
+def cmd_tensorboard(args: argparse.Namespace) -> int:
+    import subprocess
+
+    logdir = args.run_dir
+    print(f"TensorBoard on http://{args.host}:{args.port}/ for {logdir} (Ctrl-C stops it)", flush=True)
+    return subprocess.call(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", args.host, "--port", str(args.port)]
+    )
+
+
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("-c", "--config", required=required, help="run config YAML (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
@@ -89,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("verify", help="re-check every shard's and the tokenizer's sha256")
     p.add_argument("dir", help="dataset directory holding manifest.json")
     p.set_defaults(func=cmd_data_verify)
+
+    p = sub.add_parser("train", help="train a model (spawns parallel.nproc local ranks through torchrun)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tensorboard", help="start TensorBoard on localhost for a run directory")
+    p.add_argument("run_dir", help="run directory (or its tensorboard/ folder)")
+    p.add_argument("--port", type=int, default=6006)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    p.set_defaults(func=cmd_tensorboard)
     return parser
 
 

@@ -1,0 +1,38 @@
+"""Local process spawning: ``shardforge train`` with ``parallel.nproc=N`` starts N ranks through torchrun."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+from launcher.config import RunConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def under_launcher() -> bool:
+    """True when a launcher (torchrun, srun) already started this process as one rank."""
+    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+
+
+def torchrun_command(module: str, config_path: str, overrides: list[str], nproc: int) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+        f"--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", module, "-c", config_path, *overrides,
+    ]
+
+
+def run_ranks(module: str, cfg: RunConfig, config_path: str, overrides: list[str]) -> int:
+    """Run ``module`` once per rank: in this process for one rank, else through torchrun; return its exit code."""
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    if cfg.parallel.nproc == 1 or under_launcher():
+        return subprocess.call([sys.executable, "-m", module, "-c", config_path, *overrides], env=env)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.call(torchrun_command(module, config_path, overrides, cfg.parallel.nproc), env=env)

@@ -1,0 +1,110 @@
+"""Per-rank training entry point: parse, build, train, close (``python -m launcher.train -c FILE [k=v ...]``).
+
+``shardforge train`` runs this directly for one process, or spawns ``parallel.nproc`` copies through torchrun;
+under ``srun`` each task runs it with its rank taken from Slurm's variables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from launcher.config import RunConfig, load_config
+from launcher.errors import ShardforgeError
+
+
+def _say(layout, *args, **kw) -> None:
+    if layout.rank == 0:
+        print(*args, **kw)
+
+
+def build_and_train(cfg: RunConfig) -> dict:
+    from data_pipeline.batching import BatchLoader
+    from data_pipeline.loader import SampleStream, check_tokenizer, load_dataset_manifest
+    from parallelism.engine import build_engine
+    from parallelism.layout import init_distributed, shutdown
+    from training.callbacks import ConsoleLog, TensorBoardLogger, Throughput, Validation
+    from training.flops import device_peak_flops, training_flops_per_token
+    from training.model import model_parts
+    from training.optim import WarmupDecaySchedule, build_optimizer
+    from training.trainer import Trainer
+
+    layout = init_distributed(cfg.parallel)
+    try:
+        torch.manual_seed(cfg.train.seed)
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(cfg.train.seed)
+        root = cfg.data.output_dir
+        manifest = load_dataset_manifest(root)
+        if cfg.tokenizer.model_file:
+            check_tokenizer(root, cfg.tokenizer.model_file)
+        vocab = manifest["tokenizer"]["vocab_size"]
+        if manifest["seq_length"] != cfg.data.seq_length:
+            raise ShardforgeError(
+                f"data.seq_length={cfg.data.seq_length} but the shards in {root} hold {manifest['seq_length']}",
+                fix=f"set data.seq_length={manifest['seq_length']} or prepare the data again",
+            )
+        parts = model_parts(cfg, vocab)
+        engine = build_engine(
+            parts, layout, cfg,
+            build_optimizer=lambda model: build_optimizer(model, cfg.optim),
+            build_schedule=lambda opt: WarmupDecaySchedule(opt, cfg.optim, cfg.train.max_steps),
+        )
+        t = cfg.train
+        train = BatchLoader(SampleStream(root, "train", seed=cfg.loader.seed, shuffle=cfg.loader.shuffle),
+                            t.global_batch_size, t.micro_batch_size, layout.dp_rank, layout.dp,
+                            cfg.loader.num_workers)
+        val_stream = SampleStream(root, "validation", seed=cfg.loader.seed, shuffle=False)
+
+        def val_batches():
+            gbs = t.micro_batch_size * layout.dp * t.eval_iters
+            return BatchLoader(val_stream, gbs, t.micro_batch_size, layout.dp_rank, layout.dp).next_step()
+
+        writer = layout.is_last_stage and layout.tp_rank == 0 and layout.dp_rank == 0
+        _, peak = device_peak_flops(None, t.precision)
+        thr = Throughput(training_flops_per_token(cfg.model, vocab, cfg.data.seq_length), peak * layout.world)
+        tb = TensorBoardLogger(cfg.logging.tensorboard_dir, cfg.to_yaml(), writer, thr)
+        val = Validation(t.eval_interval, val_batches, tb, t.early_stopping_patience, print if writer else None)
+        log = ConsoleLog(cfg.logging.log_interval, thr, writer)
+        trainer = Trainer(engine, train, t.max_steps, t.global_batch_size * cfg.data.seq_length,
+                          t.max_consecutive_skips, [log, tb, val])
+        _say(layout, f"training {cfg.model.arch} on {layout.describe()}; "
+                     f"{sum(p.numel() for p in engine.module.parameters()):,} parameters on rank 0", flush=True)
+        trainer.fit()
+        result = {"steps": trainer.state.step, "losses": trainer.losses, "grad_norms": trainer.grad_norms,
+                  "val": val.history,
+                  "stop_reason": trainer.stop_reason, "layout": layout.describe()}
+        if writer:
+            path = Path(cfg.run_dir) / "train_result.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=1))
+            print(f"done: {trainer.stop_reason}; final validation loss "
+                  f"{val.history[-1][1]:.4f}" if val.history else f"done: {trainer.stop_reason}", flush=True)
+        return result
+    finally:
+        shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="launcher.train")
+    ap.add_argument("-c", "--config", required=True)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    try:
+        build_and_train(load_config(args.config, args.overrides))
+    except ShardforgeError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    sys.exit(main())

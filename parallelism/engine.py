@@ -1,0 +1,190 @@
+"""Wrap a model's layer list in DeepSpeed for a layout: the plain engine for PP = 1, the pipeline engine for PP > 1.
+
+Both are built from the same ``(class, args)`` layer list, so parameter names (``"<layer>.<path>"``) agree and a
+checkpoint of one converts to the other. Why this route (see docs/parallelism.md): DeepSpeed's pipeline engine
+over megatron-core layers matched a 1-rank run to 1e-7 with TP x PP x ZeRO-1 and reshards with its universal
+checkpoints; the plain engine adds ZeRO-2/3, which the pipeline engine refuses.
+
+The :class:`Engine` interface the trainer uses: ``train_step(micro_batches) -> loss`` (mean over the global batch),
+``eval_loss(micro_batches)``, ``grad_norm()``, ``lr()``, ``module``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from launcher.config import RunConfig
+from parallelism.layout import Layout, deepspeed_mpu
+
+
+@dataclass
+class ModelParts:
+    """What the engine needs to know of a model."""
+
+    specs: list[tuple[type, tuple]]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    build_sequential: Callable[[], nn.Module]
+    init_weights: Callable[[nn.Module, Layout], None]
+    pipeline_partition: str = "type:DecoderLayer"
+
+
+def deepspeed_config(cfg: RunConfig, dp: int) -> dict:
+    t, o = cfg.train, cfg.optim
+    gas = t.global_batch_size // (t.micro_batch_size * dp)
+    ds = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": o.clip_grad,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage, "reduce_bucket_size": 5e7,
+                              "allgather_bucket_size": 5e7},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    return ds
+
+
+def _quiet_deepspeed() -> None:
+    import deepspeed
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 40 s g++ build on CPU
+
+
+def _patch_pipeline_clip_norm() -> None:
+    """DeepSpeed 0.19.8's ZeRO-0 clip (runtime/utils.clip_grad_norm_) keeps a replicated parameter only on
+    model-parallel rank 0 of the TP x PP group, dropping later stages' norms from the global norm. Count it on
+    TP rank 0 of every stage instead, which is what ZeRO-1/2 already do."""
+    import deepspeed.runtime.engine as ds_engine
+    from deepspeed.utils.bwc import bwc_tensor_model_parallel_rank
+
+    if getattr(ds_engine.clip_grad_norm_, "_shardforge", False):
+        return
+    original = ds_engine.clip_grad_norm_
+
+    class _TensorRankMpu:
+        def __init__(self, mpu):
+            self._mpu = mpu
+
+        def __getattr__(self, name):
+            return getattr(self._mpu, name)
+
+        def get_model_parallel_rank(self):
+            return bwc_tensor_model_parallel_rank(self._mpu)
+
+    def clip(parameters, max_norm, norm_type=2, mpu=None):
+        return original(parameters, max_norm, norm_type, _TensorRankMpu(mpu) if mpu is not None else None)
+
+    clip._shardforge = True
+    ds_engine.clip_grad_norm_ = clip
+
+
+class Engine:
+    """The trainer's view of a DeepSpeed engine."""
+
+    def __init__(self, ds_engine, layout: Layout, loss_fn):
+        self.ds, self.layout, self.loss_fn = ds_engine, layout, loss_fn
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    def grad_norm(self) -> float | None:
+        g = self.ds.get_global_grad_norm()
+        return None if g is None else float(g)
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        if self.layout.dp > 1:
+            dist.all_reduce(value, group=self.layout.dp_group)
+            value = value / self.layout.dp
+        return float(value)
+
+
+class PlainEngine(Engine):
+    """PP = 1: forward, ``engine.backward`` and ``engine.step`` per micro-batch (DeepSpeed accumulates)."""
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> float:
+        self.ds.train()
+        total = torch.zeros(())
+        for tokens in micro_batches:
+            tokens = tokens.to(self.layout.device)
+            loss = self.loss_fn(self.ds(tokens[:, :-1]), tokens[:, 1:])
+            self.ds.backward(loss)
+            self.ds.step()
+            total += loss.detach().float().cpu()
+        return self._dp_mean(total / len(micro_batches))
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[torch.Tensor]) -> float:
+        self.ds.eval()
+        total = torch.zeros(())
+        for tokens in micro_batches:
+            tokens = tokens.to(self.layout.device)
+            total += self.loss_fn(self.ds(tokens[:, :-1]), tokens[:, 1:]).float().cpu()
+        return self._dp_mean(total / len(micro_batches))
+
+
+class PipeEngine(Engine):
+    """PP > 1: DeepSpeed's pipeline engine runs the 1F1B schedule over the micro-batches."""
+
+    @staticmethod
+    def _pairs(micro_batches):
+        return iter([(t[:, :-1], t[:, 1:]) for t in micro_batches])
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> float:
+        return float(self.ds.train_batch(data_iter=self._pairs(micro_batches)))
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[torch.Tensor]) -> float:
+        loss = self.ds.eval_batch(self._pairs(micro_batches), num_micro_batches=len(micro_batches))
+        return float(loss)
+
+
+def build_engine(parts: ModelParts, layout: Layout, cfg: RunConfig, build_optimizer, build_schedule) -> Engine:
+    """Build the model for ``layout``, initialize its weights, and wrap it in DeepSpeed."""
+    import deepspeed
+
+    _quiet_deepspeed()
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    ds_cfg = deepspeed_config(cfg, layout.dp)
+    if layout.pp == 1:
+        model = parts.build_sequential()
+        parts.init_weights(model, layout)
+        model.to(layout.device)
+        optimizer = build_optimizer(model)
+        ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_schedule,
+                                      config=ds_cfg, mpu=deepspeed_mpu(layout))
+        return PlainEngine(ds, layout, parts.loss_fn)
+    from deepspeed.pipe import LayerSpec, PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    if layout.zero_stage == 0:
+        _patch_pipeline_clip_norm()
+    topo = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
+    model = PipelineModule(
+        layers=[LayerSpec(cls, *args) for cls, args in parts.specs], loss_fn=parts.loss_fn, topology=topo,
+        partition_method=parts.pipeline_partition, activation_checkpoint_interval=0,
+    )
+    grid = model._grid
+    assert (grid.get_stage_id(), grid.get_data_parallel_id()) == (layout.pp_rank, layout.dp_rank), "rank layouts differ"
+    parts.init_weights(model, layout)
+    model.to(layout.device)
+    optimizer = build_optimizer(model)
+    ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_schedule, config=ds_cfg)
+    return PipeEngine(ds, layout, parts.loss_fn)

@@ -1,0 +1,140 @@
+"""Trainer callbacks: the console log line, TensorBoard scalars, validation with early stopping.
+
+Values are written by one rank, the one that holds them: the last pipeline stage, tensor rank 0, data rank 0
+(losses are averaged over data-parallel ranks before they get there).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import psutil
+import torch
+
+from training.trainer import Callback, StepMetrics, Trainer
+
+
+def memory_gb() -> dict[str, float]:
+    out = {"rss_gb": psutil.Process().memory_info().rss / 2**30}
+    if torch.cuda.is_available():
+        out["max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+class Throughput:
+    """Tokens/s and MFU from step times, with FLOPs per token from ``training.flops``."""
+
+    def __init__(self, flops_per_token: float, peak_flops: float):
+        self.flops_per_token, self.peak = flops_per_token, peak_flops
+
+    def of(self, m: StepMetrics) -> tuple[float, float]:
+        tps = m.tokens / max(m.step_time_s, 1e-9)
+        return tps, tps * self.flops_per_token / self.peak
+
+
+class ConsoleLog(Callback):
+    def __init__(self, interval: int, throughput: Throughput, enabled: bool, printer=print):
+        self.interval, self.tp, self.enabled, self.print = interval, throughput, enabled, printer
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, trainer: Trainer, m: StepMetrics) -> None:
+        if not self.enabled or (m.step % self.interval and m.step != trainer.max_steps):
+            return
+        tps, mfu = self.tp.of(m)
+        eta = (trainer.max_steps - m.step) * m.step_time_s
+        gn = f"{m.grad_norm:.3f}" if m.grad_norm is not None else "-"
+        self.print(
+            f"step {m.step:>6}/{trainer.max_steps} | loss {m.loss:.4f} | lr {m.lr:.3e} | grad_norm {gn} | "
+            f"{tps:,.0f} tok/s | mfu {100 * mfu:.2f}% | step {m.step_time_s * 1000:.0f} ms | "
+            f"data {100 * m.data_wait_s / max(m.step_time_s, 1e-9):.1f}% | mem {memory_gb()['rss_gb']:.2f} GB | "
+            f"eta {eta / 60:.1f} min" + (" | SKIPPED (non-finite)" if m.skipped else ""),
+            flush=True,
+        )
+
+
+class TensorBoardLogger(Callback):
+    """Scalars under stable tags; the resolved config as text once, on a fresh (not resumed) run."""
+
+    def __init__(self, log_dir: str, config_yaml: str, enabled: bool, throughput: Throughput):
+        self.enabled, self.tp = enabled, throughput
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=log_dir)
+        self.config_yaml = config_yaml
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if self.writer is not None and trainer.state.step == 0:
+            self.writer.add_text("config", "```\n" + self.config_yaml + "\n```", global_step=0)
+
+    def on_step_end(self, trainer: Trainer, m: StepMetrics) -> None:
+        if self.writer is None:
+            return
+        tps, mfu = self.tp.of(m)
+        w, s = self.writer, m.step
+        if math.isfinite(m.loss):
+            w.add_scalar("train/loss", m.loss, s)
+        w.add_scalar("train/lr", m.lr, s)
+        if m.grad_norm is not None and math.isfinite(m.grad_norm):
+            w.add_scalar("train/grad_norm", m.grad_norm, s)
+        w.add_scalar("train/skipped_steps", trainer.state.skipped_steps, s)
+        w.add_scalar("perf/tokens_per_s", tps, s)
+        w.add_scalar("perf/mfu", mfu, s)
+        w.add_scalar("perf/step_time_s", m.step_time_s, s)
+        w.add_scalar("perf/data_wait_frac", m.data_wait_s / max(m.step_time_s, 1e-9), s)
+        for k, v in memory_gb().items():
+            w.add_scalar(f"mem/{k}", v, s)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+class Validation(Callback):
+    """Validation loss every ``interval`` steps (and at the end); early stopping after ``patience`` evaluations
+    without improvement."""
+
+    def __init__(self, interval: int, batches, tb: TensorBoardLogger | None, patience: int | None,
+                 printer=None, min_delta: float = 0.0):
+        self.interval, self.batches, self.tb = interval, batches, tb
+        self.patience, self.print, self.min_delta = patience, printer, min_delta
+        self.best = math.inf
+        self.bad_evals = 0
+        self.history: list[tuple[int, float]] = []
+
+    def evaluate(self, trainer: Trainer, step: int) -> float:
+        loss = trainer.engine.eval_loss(self.batches())
+        self.history.append((step, loss))
+        if self.tb is not None:
+            self.tb.scalar("val/loss", loss, step)
+            self.tb.scalar("val/ppl", math.exp(min(loss, 50.0)), step)
+        if self.print:
+            self.print(f"step {step:>6} | validation loss {loss:.4f} | ppl {math.exp(min(loss, 50.0)):.2f}",
+                       flush=True)
+        return loss
+
+    def on_step_end(self, trainer: Trainer, m: StepMetrics) -> None:
+        if m.step % self.interval and m.step != trainer.max_steps:
+            return
+        loss = self.evaluate(trainer, m.step)
+        if loss < self.best - self.min_delta:
+            self.best, self.bad_evals = loss, 0
+        else:
+            self.bad_evals += 1
+        if self.patience is not None and self.bad_evals >= self.patience:
+            trainer.stop(f"early stopping: validation loss did not improve for {self.bad_evals} evaluations "
+                         f"(best {self.best:.4f})")
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_evals": self.bad_evals, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.bad_evals = state["best"], state["bad_evals"]
+        self.history = [tuple(x) for x in state["history"]]

@@ -1,0 +1,34 @@
+"""Choose and describe the model for a config: the GPT layer list or an RNN baseline, with its loss and init."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from launcher.config import RunConfig
+from parallelism.engine import ModelParts
+from parallelism.layout import Layout
+from training import gpt, rnn
+from training.init import init_parameters
+
+
+def model_parts(cfg: RunConfig, vocab_size: int) -> ModelParts:
+    m, p = cfg.model, cfg.parallel
+    if m.arch == "gpt":
+        specs = gpt.gpt_layer_specs(m, vocab_size, cfg.data.seq_length, p.tp, cfg.train.precision,
+                                    p.activation_checkpointing, p.sequence_parallel)
+        loss_fn = gpt.lm_loss
+
+        def build() -> nn.Module:
+            return gpt.build_sequential(specs, m.tie_embeddings)
+    else:
+        specs = rnn.rnn_layer_specs(m, vocab_size)
+        loss_fn = rnn.rnn_loss
+
+        def build() -> nn.Module:
+            return nn.Sequential(*[cls(*args) for cls, args in specs])
+
+    def init_weights(model: nn.Module, layout: Layout) -> None:
+        init_parameters(model, m.init_std, m.num_layers, cfg.train.seed, layout.tp, layout.tp_rank,
+                        gated=m.activation == "swiglu")
+
+    return ModelParts(specs=specs, loss_fn=loss_fn, build_sequential=build, init_weights=init_weights)
