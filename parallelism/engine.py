@@ -122,13 +122,36 @@ class PlainEngine(Engine):
     def train_step(self, micro_batches: list[torch.Tensor]) -> float:
         self.ds.train()
         total = torch.zeros(())
-        for tokens in micro_batches:
+        for i, tokens in enumerate(micro_batches):
             tokens = tokens.to(self.layout.device)
             loss = self.loss_fn(self.ds(tokens[:, :-1]), tokens[:, 1:])
             self.ds.backward(loss)
+            if i == len(micro_batches) - 1 and self.layout.zero_stage == 0:
+                self._norm = self._replicated_grad_norm()  # ZeRO-0 does not report it
             self.ds.step()
             total += loss.detach().float().cpu()
         return self._dp_mean(total / len(micro_batches))
+
+    def _replicated_grad_norm(self) -> float:
+        """Global L2 norm of the (already data-parallel-reduced) gradients: TP shards summed over the TP group,
+        TP-replicated parameters counted once."""
+        split = torch.zeros((), dtype=torch.float64)
+        replicated = torch.zeros((), dtype=torch.float64)
+        for p in self.ds.module.parameters():
+            if p.grad is None:
+                continue
+            sq = p.grad.detach().double().pow(2).sum().cpu()
+            if getattr(p, "tensor_model_parallel", False):
+                split += sq
+            else:
+                replicated += sq
+        if self.layout.tp > 1:
+            dist.all_reduce(split, group=self.layout.tp_group)
+        return float((split + replicated).sqrt())
+
+    def grad_norm(self) -> float | None:
+        g = self.ds.get_global_grad_norm()
+        return float(g) if g is not None else getattr(self, "_norm", None)
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[torch.Tensor]) -> float:

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from parallelism.tp_plan import full_shape, shard
+from parallelism.tp_plan import full_shape, shard, split_rule
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -41,5 +41,14 @@ def init_parameters(model: nn.Module, std: float, num_layers: int, seed: int, tp
     for name, p in model.named_parameters():
         full = init_value(name, full_shape(name, p.shape, tp, gated), std, num_layers, seed)
         p.copy_(shard(name, full, tp, tp_rank, gated).to(p.dtype))
+        mark_tensor_parallel(name, p, gated)
         n += 1
     return n
+
+
+def mark_tensor_parallel(name: str, p: torch.Tensor, gated: bool) -> None:
+    """Tag TP-split parameters the way megatron does when it initializes them itself: gradient-norm code
+    (megatron's and DeepSpeed's) counts untagged parameters once per TP group, tagged ones on every rank."""
+    dim, _ = split_rule(name, gated)
+    if dim is not None:
+        p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, dim, 1
