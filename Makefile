@@ -25,7 +25,8 @@ $(STAMP): constraints.txt setup.py
 
 quickstart: venv
 	$(VENV)/bin/shardforge data prepare -c configs/quickstart.yaml
-	@echo "quickstart outputs: runs/quickstart/"
+	$(VENV)/bin/shardforge train -c configs/quickstart.yaml
+	@echo "quickstart outputs: runs/quickstart/ (TensorBoard: $(VENV)/bin/shardforge tensorboard runs/quickstart)"
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -182,6 +182,9 @@ class TrainConfig(Section):
     seed: int = 1234
     precision: Literal["fp32", "bf16"] = "fp32"
     early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop after this many validations without improvement (None: never)."""
+    early_stopping_min_delta: float = Field(0.0, ge=0)
+    """An improvement must lower the validation loss by more than this."""
     max_consecutive_skips: int = Field(5, ge=1)
 
 
@@ -262,8 +265,12 @@ def layout_problems(cfg: RunConfig) -> list[str]:
             f"parallel.zero_stage={p.zero_stage} cannot be combined with parallel.pp={p.pp} "
             "(DeepSpeed's pipeline engine supports ZeRO 0 and 1); use parallel.zero_stage=1"
         )
-    if p.sequence_parallel and p.tp == 1:
-        out.append("parallel.sequence_parallel=true needs parallel.tp > 1")
+    if p.sequence_parallel:
+        out.append("parallel.sequence_parallel=true is not supported yet; set it to false")
+    if m.tie_embeddings and p.pp > 1:
+        out.append("model.tie_embeddings=true is supported with parallel.pp=1 only; untie or use pp=1")
+    if t.precision == "bf16" and p.zero_stage == 0:
+        out.append("train.precision=bf16 needs parallel.zero_stage>=1 (ZeRO-0 would accumulate gradients in bf16)")
     if t.global_batch_size % (t.micro_batch_size * dp):
         out.append(
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "

@@ -23,8 +23,18 @@ def under_launcher() -> bool:
 
 def torchrun_command(module: str, config_path: str, overrides: list[str], nproc: int) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-        f"--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", module, "-c", config_path, *overrides,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        module,
+        "-c",
+        config_path,
+        *overrides,
     ]
 
 

@@ -51,14 +51,21 @@ def build_and_train(cfg: RunConfig) -> dict:
             )
         parts = model_parts(cfg, vocab)
         engine = build_engine(
-            parts, layout, cfg,
+            parts,
+            layout,
+            cfg,
             build_optimizer=lambda model: build_optimizer(model, cfg.optim),
             build_schedule=lambda opt: WarmupDecaySchedule(opt, cfg.optim, cfg.train.max_steps),
         )
         t = cfg.train
-        train = BatchLoader(SampleStream(root, "train", seed=cfg.loader.seed, shuffle=cfg.loader.shuffle),
-                            t.global_batch_size, t.micro_batch_size, layout.dp_rank, layout.dp,
-                            cfg.loader.num_workers)
+        train = BatchLoader(
+            SampleStream(root, "train", seed=cfg.loader.seed, shuffle=cfg.loader.shuffle),
+            t.global_batch_size,
+            t.micro_batch_size,
+            layout.dp_rank,
+            layout.dp,
+            cfg.loader.num_workers,
+        )
         val_stream = SampleStream(root, "validation", seed=cfg.loader.seed, shuffle=False)
 
         def val_batches():
@@ -69,22 +76,48 @@ def build_and_train(cfg: RunConfig) -> dict:
         _, peak = device_peak_flops(None, t.precision)
         thr = Throughput(training_flops_per_token(cfg.model, vocab, cfg.data.seq_length), peak * layout.world)
         tb = TensorBoardLogger(cfg.logging.tensorboard_dir, cfg.to_yaml(), writer, thr)
-        val = Validation(t.eval_interval, val_batches, tb, t.early_stopping_patience, print if writer else None)
+        val = Validation(
+            t.eval_interval,
+            val_batches,
+            tb,
+            t.early_stopping_patience,
+            print if writer else None,
+            t.early_stopping_min_delta,
+        )
         log = ConsoleLog(cfg.logging.log_interval, thr, writer)
-        trainer = Trainer(engine, train, t.max_steps, t.global_batch_size * cfg.data.seq_length,
-                          t.max_consecutive_skips, [log, tb, val])
-        _say(layout, f"training {cfg.model.arch} on {layout.describe()}; "
-                     f"{sum(p.numel() for p in engine.module.parameters()):,} parameters on rank 0", flush=True)
+        trainer = Trainer(
+            engine,
+            train,
+            t.max_steps,
+            t.global_batch_size * cfg.data.seq_length,
+            t.max_consecutive_skips,
+            [log, tb, val],
+        )
+        _say(
+            layout,
+            f"training {cfg.model.arch} on {layout.describe()}; "
+            f"{sum(p.numel() for p in engine.module.parameters()):,} parameters on rank 0",
+            flush=True,
+        )
         trainer.fit()
-        result = {"steps": trainer.state.step, "losses": trainer.losses, "grad_norms": trainer.grad_norms,
-                  "val": val.history,
-                  "stop_reason": trainer.stop_reason, "layout": layout.describe()}
+        result = {
+            "steps": trainer.state.step,
+            "losses": trainer.losses,
+            "grad_norms": trainer.grad_norms,
+            "val": val.history,
+            "stop_reason": trainer.stop_reason,
+            "layout": layout.describe(),
+        }
         if writer:
             path = Path(cfg.run_dir) / "train_result.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, indent=1))
-            print(f"done: {trainer.stop_reason}; final validation loss "
-                  f"{val.history[-1][1]:.4f}" if val.history else f"done: {trainer.stop_reason}", flush=True)
+            print(
+                f"done: {trainer.stop_reason}; final validation loss {val.history[-1][1]:.4f}"
+                if val.history
+                else f"done: {trainer.stop_reason}",
+                flush=True,
+            )
         return result
     finally:
         shutdown()

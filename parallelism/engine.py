@@ -43,8 +43,11 @@ def deepspeed_config(cfg: RunConfig, dp: int) -> dict:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": o.clip_grad,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage, "reduce_bucket_size": 5e7,
-                              "allgather_bucket_size": 5e7},
+        "zero_optimization": {
+            "stage": cfg.parallel.zero_stage,
+            "reduce_bucket_size": 5e7,
+            "allgather_bucket_size": 5e7,
+        },
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -191,8 +194,9 @@ def build_engine(parts: ModelParts, layout: Layout, cfg: RunConfig, build_optimi
         parts.init_weights(model, layout)
         model.to(layout.device)
         optimizer = build_optimizer(model)
-        ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_schedule,
-                                      config=ds_cfg, mpu=deepspeed_mpu(layout))
+        ds, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=build_schedule, config=ds_cfg, mpu=deepspeed_mpu(layout)
+        )
         return PlainEngine(ds, layout, parts.loss_fn)
     from deepspeed.pipe import LayerSpec, PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
@@ -201,8 +205,11 @@ def build_engine(parts: ModelParts, layout: Layout, cfg: RunConfig, build_optimi
         _patch_pipeline_clip_norm()
     topo = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
     model = PipelineModule(
-        layers=[LayerSpec(cls, *args) for cls, args in parts.specs], loss_fn=parts.loss_fn, topology=topo,
-        partition_method=parts.pipeline_partition, activation_checkpoint_interval=0,
+        layers=[LayerSpec(cls, *args) for cls, args in parts.specs],
+        loss_fn=parts.loss_fn,
+        topology=topo,
+        partition_method=parts.pipeline_partition,
+        activation_checkpoint_interval=0,
     )
     grid = model._grid
     assert (grid.get_stage_id(), grid.get_data_parallel_id()) == (layout.pp_rank, layout.dp_rank), "rank layouts differ"

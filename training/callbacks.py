@@ -101,8 +101,15 @@ class Validation(Callback):
     """Validation loss every ``interval`` steps (and at the end); early stopping after ``patience`` evaluations
     without improvement."""
 
-    def __init__(self, interval: int, batches, tb: TensorBoardLogger | None, patience: int | None,
-                 printer=None, min_delta: float = 0.0):
+    def __init__(
+        self,
+        interval: int,
+        batches,
+        tb: TensorBoardLogger | None,
+        patience: int | None,
+        printer=None,
+        min_delta: float = 0.0,
+    ):
         self.interval, self.batches, self.tb = interval, batches, tb
         self.patience, self.print, self.min_delta = patience, printer, min_delta
         self.best = math.inf
@@ -116,8 +123,7 @@ class Validation(Callback):
             self.tb.scalar("val/loss", loss, step)
             self.tb.scalar("val/ppl", math.exp(min(loss, 50.0)), step)
         if self.print:
-            self.print(f"step {step:>6} | validation loss {loss:.4f} | ppl {math.exp(min(loss, 50.0)):.2f}",
-                       flush=True)
+            self.print(f"step {step:>6} | validation loss {loss:.4f} | ppl {math.exp(min(loss, 50.0)):.2f}", flush=True)
         return loss
 
     def on_step_end(self, trainer: Trainer, m: StepMetrics) -> None:
@@ -129,8 +135,10 @@ class Validation(Callback):
         else:
             self.bad_evals += 1
         if self.patience is not None and self.bad_evals >= self.patience:
-            trainer.stop(f"early stopping: validation loss did not improve for {self.bad_evals} evaluations "
-                         f"(best {self.best:.4f})")
+            trainer.stop(
+                f"early stopping: validation loss did not improve for {self.bad_evals} evaluations "
+                f"(best {self.best:.4f})"
+            )
 
     def state_dict(self) -> dict:
         return {"best": self.best, "bad_evals": self.bad_evals, "history": self.history}

@@ -149,8 +149,13 @@ class OutputHead(nn.Module):
         from megatron.core import tensor_parallel
 
         self.output_layer = tensor_parallel.ColumnParallelLinear(
-            m.hidden_size, vocab, config=config, init_method=config.init_method, bias=False,
-            gather_output=False, skip_weight_param_allocation=tied_to is not None,
+            m.hidden_size,
+            vocab,
+            config=config,
+            init_method=config.init_method,
+            bias=False,
+            gather_output=False,
+            skip_weight_param_allocation=tied_to is not None,
         )
         self._tied = [tied_to] if tied_to is not None else []  # a list: not registered as a submodule
 
@@ -170,8 +175,15 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous()).mean()
 
 
-def gpt_layer_specs(m: ModelConfig, vocab_size: int, seq_length: int, tp: int, precision: str = "fp32",
-                    recompute: str = "none", sequence_parallel: bool = False) -> list[tuple[type, tuple]]:
+def gpt_layer_specs(
+    m: ModelConfig,
+    vocab_size: int,
+    seq_length: int,
+    tp: int,
+    precision: str = "fp32",
+    recompute: str = "none",
+    sequence_parallel: bool = False,
+) -> list[tuple[type, tuple]]:
     """The model as (class, args) pairs, built lazily so each pipeline stage builds only its own layers."""
     config = transformer_config(m, tp, precision, recompute, sequence_parallel)
     vocab = padded_vocab(vocab_size)

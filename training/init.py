@@ -34,8 +34,9 @@ def init_value(name: str, shape: tuple[int, ...], std: float, num_layers: int, s
 
 
 @torch.no_grad()
-def init_parameters(model: nn.Module, std: float, num_layers: int, seed: int, tp: int = 1, tp_rank: int = 0,
-                    gated: bool = False) -> int:
+def init_parameters(
+    model: nn.Module, std: float, num_layers: int, seed: int, tp: int = 1, tp_rank: int = 0, gated: bool = False
+) -> int:
     """Fill every parameter of ``model`` (names as in the full layer list); return how many were set."""
     n = 0
     for name, p in model.named_parameters():

@@ -14,8 +14,15 @@ from training.init import init_parameters
 def model_parts(cfg: RunConfig, vocab_size: int) -> ModelParts:
     m, p = cfg.model, cfg.parallel
     if m.arch == "gpt":
-        specs = gpt.gpt_layer_specs(m, vocab_size, cfg.data.seq_length, p.tp, cfg.train.precision,
-                                    p.activation_checkpointing, p.sequence_parallel)
+        specs = gpt.gpt_layer_specs(
+            m,
+            vocab_size,
+            cfg.data.seq_length,
+            p.tp,
+            cfg.train.precision,
+            p.activation_checkpointing,
+            p.sequence_parallel,
+        )
         loss_fn = gpt.lm_loss
 
         def build() -> nn.Module:
@@ -28,7 +35,8 @@ def model_parts(cfg: RunConfig, vocab_size: int) -> ModelParts:
             return nn.Sequential(*[cls(*args) for cls, args in specs])
 
     def init_weights(model: nn.Module, layout: Layout) -> None:
-        init_parameters(model, m.init_std, m.num_layers, cfg.train.seed, layout.tp, layout.tp_rank,
-                        gated=m.activation == "swiglu")
+        init_parameters(
+            model, m.init_std, m.num_layers, cfg.train.seed, layout.tp, layout.tp_rank, gated=m.activation == "swiglu"
+        )
 
     return ModelParts(specs=specs, loss_fn=loss_fn, build_sequential=build, init_weights=init_weights)

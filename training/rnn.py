@@ -28,8 +28,13 @@ class RNNCore(nn.Module):
     def __init__(self, m: ModelConfig):
         super().__init__()
         cls = nn.LSTM if m.arch == "lstm" else nn.GRU
-        self.rnn = cls(m.hidden_size, m.hidden_size, num_layers=m.num_layers, batch_first=True,
-                       dropout=m.dropout if m.num_layers > 1 else 0.0)
+        self.rnn = cls(
+            m.hidden_size,
+            m.hidden_size,
+            num_layers=m.num_layers,
+            batch_first=True,
+            dropout=m.dropout if m.num_layers > 1 else 0.0,
+        )
         self.norm = nn.LayerNorm(m.hidden_size)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

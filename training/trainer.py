@@ -55,8 +55,15 @@ class Callback:
 
 
 class Trainer:
-    def __init__(self, engine, loader, max_steps: int, tokens_per_step: int, max_consecutive_skips: int,
-                 callbacks: list[Callback]):
+    def __init__(
+        self,
+        engine,
+        loader,
+        max_steps: int,
+        tokens_per_step: int,
+        max_consecutive_skips: int,
+        callbacks: list[Callback],
+    ):
         self.engine, self.loader, self.max_steps = engine, loader, max_steps
         self.tokens_per_step, self.max_skips = tokens_per_step, max_consecutive_skips
         self.callbacks = callbacks
@@ -96,8 +103,9 @@ class Trainer:
         self.losses.append(loss)
         grad_norm = self.engine.grad_norm()
         self.grad_norms.append(grad_norm)
-        return StepMetrics(self.state.step, loss, lr, grad_norm,
-                           time.perf_counter() - t0, t1 - t0, self.tokens_per_step, skipped)
+        return StepMetrics(
+            self.state.step, loss, lr, grad_norm, time.perf_counter() - t0, t1 - t0, self.tokens_per_step, skipped
+        )
 
     def fit(self) -> None:
         for cb in self.callbacks:
