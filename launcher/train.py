@@ -26,7 +26,7 @@ def build_and_train(cfg: RunConfig) -> dict:
     from data_pipeline.batching import BatchLoader
     from data_pipeline.loader import SampleStream, check_tokenizer, load_dataset_manifest
     from parallelism.engine import build_engine
-    from parallelism.layout import init_distributed, shutdown
+    from parallelism.layout import init_distributed, seed_all, shutdown
     from training.callbacks import ConsoleLog, TensorBoardLogger, Throughput, Validation
     from training.flops import device_peak_flops, training_flops_per_token
     from training.model import model_parts
@@ -35,10 +35,7 @@ def build_and_train(cfg: RunConfig) -> dict:
 
     layout = init_distributed(cfg.parallel)
     try:
-        torch.manual_seed(cfg.train.seed)
-        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(cfg.train.seed)
+        seed_all(cfg.train.seed)
         root = cfg.data.output_dir
         manifest = load_dataset_manifest(root)
         if cfg.tokenizer.model_file:
@@ -104,6 +101,7 @@ def build_and_train(cfg: RunConfig) -> dict:
             "steps": trainer.state.step,
             "losses": trainer.losses,
             "grad_norms": trainer.grad_norms,
+            "step_times": trainer.step_times,
             "val": val.history,
             "stop_reason": trainer.stop_reason,
             "layout": layout.describe(),

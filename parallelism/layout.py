@@ -111,6 +111,15 @@ def init_distributed(cfg: ParallelConfig, timeout_s: float = 600.0) -> Layout:
     )
 
 
+def seed_all(seed: int) -> None:
+    """Seed torch and megatron's tensor-parallel RNG tracker (mandatory before a megatron model runs)."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+
+
 def shutdown() -> None:
     """Tear down megatron's state and the process group (avoids gloo's abort at interpreter exit)."""
     from megatron.core import parallel_state as ps

@@ -72,6 +72,7 @@ class Trainer:
         self.stop_reason = ""
         self.losses: list[float] = []
         self.grad_norms: list[float | None] = []
+        self.step_times: list[float] = []
 
     def stop(self, reason: str) -> None:
         self.should_stop, self.stop_reason = True, reason
@@ -101,6 +102,7 @@ class Trainer:
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
         self.losses.append(loss)
+        self.step_times.append(time.perf_counter() - t0)
         grad_norm = self.engine.grad_norm()
         self.grad_norms.append(grad_norm)
         return StepMetrics(

@@ -61,7 +61,7 @@ def test_reference_trains_with_clipping_active(reference):
     assert all(g > 0.05 for g in reference["grad_norms"])  # clip_grad=0.05: every step is clipped
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: "tp{}-pp{}-dp{}-zero{}".format(*l))
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: "tp{}-pp{}-dp{}-zero{}".format(*lay))
 def test_layout_matches_single_process(layout, reference, prepared, tmp_path):
     tp, pp, dp, zero = layout
     got = train(tmp_path, prepared, tp, pp, dp, zero)

@@ -1,0 +1,133 @@
+"""Training throughput: `shardforge train` (DeepSpeed engine over megatron-core layers) beside a bare PyTorch loop
+over the same model, batch and machine, in the same run; and 2-rank data-parallel scaling.
+
+Usage: python bench/bench_train.py [--steps 30]. Threads: the 1-rank runs use every core; the 2-rank run gives each
+rank one thread (OMP_NUM_THREADS=1), as torchrun does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import write_result  # noqa: E402
+from launcher.config import load_config  # noqa: E402
+
+MODEL = [
+    "model.num_layers=4",
+    "model.hidden_size=256",
+    "model.num_attention_heads=8",
+    "model.ffn_hidden_size=768",
+    "data.seq_length=128",
+    "tokenizer.vocab_size=4096",
+    "train.micro_batch_size=8",
+    "train.global_batch_size=8",
+    "optim.clip_grad=1.0",
+    "train.eval_interval=100000",
+    "logging.log_interval=100000",
+    "data.max_documents=400",
+    "data.dedup_near=false",
+]
+
+
+def prepare(tmp: Path) -> list[str]:
+    over = [f"run_dir={tmp}", *MODEL]
+    subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "data", "prepare", "-c", "configs/tiny.yaml", *over],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    return over
+
+
+def framework(over: list[str], steps: int, nproc: int) -> list[float]:
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars} | {"DS_ACCELERATOR": "cpu"}
+    args = [
+        *over,
+        f"train.max_steps={steps}",
+        f"parallel.nproc={nproc}",
+        f"run_dir={over[0][8:]}/n{nproc}",
+        f"data.output_dir={over[0][8:]}/data",
+        f"train.global_batch_size={8 * nproc}",
+    ]
+    subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "train", "-c", "configs/tiny.yaml", *args],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    return json.loads((Path(over[0][8:]) / f"n{nproc}" / "train_result.json").read_text())["step_times"]
+
+
+def bare_loop(over: list[str], steps: int) -> list[float]:
+    """The same megatron-core layer list, torch AdamW, clipping, the same batch shape: no DeepSpeed, no loader."""
+    import torch
+
+    from parallelism.layout import init_distributed, seed_all, shutdown
+    from training.gpt import build_sequential, gpt_layer_specs, lm_loss
+    from training.init import init_parameters
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", over)
+    init_distributed(cfg.parallel)
+    seed_all(1)
+    try:
+        m = cfg.model
+        model = build_sequential(gpt_layer_specs(m, 4096, cfg.data.seq_length, 1))
+        init_parameters(model, m.init_std, m.num_layers, 1, gated=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+        g = torch.Generator().manual_seed(0)
+        times = []
+        for _ in range(steps):
+            tokens = torch.randint(0, 4096, (8, cfg.data.seq_length + 1), generator=g)
+            t0 = time.perf_counter()
+            loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        return times
+    finally:
+        shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=30)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp())
+    over = prepare(tmp)
+    tokens = 8 * 128
+    med = lambda xs: statistics.median(xs[3:])  # noqa: E731 - skip warm-up steps
+    fw = med(framework(over, args.steps, 1))
+    bare = med(bare_loop(over, args.steps))
+    dp2 = med(framework(over, args.steps, 2))
+    write_result(
+        "train",
+        {
+            "model": "GPT 4 layers, hidden 256, 8 heads, ffn 768 (SwiGLU), vocab 4096, seq 128, batch 8 per rank, fp32",
+            "shardforge_1rank_tokens_per_s": round(tokens / fw),
+            "bare_pytorch_loop_tokens_per_s": round(tokens / bare),
+            "shardforge_vs_bare": round(bare / fw, 3),
+            "shardforge_2rank_dp_tokens_per_s": round(2 * tokens / dp2),
+            "dp2_scaling_vs_1rank": round((2 * tokens / dp2) / (tokens / fw), 3),
+            "notes": "median step time after 3 warm-up steps; 1-rank runs use all cores, 2-rank runs 1 thread each",
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
