@@ -265,8 +265,10 @@ def layout_problems(cfg: RunConfig) -> list[str]:
             f"parallel.zero_stage={p.zero_stage} cannot be combined with parallel.pp={p.pp} "
             "(DeepSpeed's pipeline engine supports ZeRO 0 and 1); use parallel.zero_stage=1"
         )
-    if p.sequence_parallel:
-        out.append("parallel.sequence_parallel=true is not supported yet; set it to false")
+    if p.sequence_parallel and p.tp == 1:
+        out.append("parallel.sequence_parallel=true needs parallel.tp > 1")
+    if p.sequence_parallel and m.arch == "gpt" and cfg.data.seq_length % p.tp:
+        out.append(f"data.seq_length={cfg.data.seq_length} is not divisible by parallel.tp={p.tp} (sequence parallel)")
     if m.tie_embeddings and p.pp > 1:
         out.append("model.tie_embeddings=true is supported with parallel.pp=1 only; untie or use pp=1")
     if t.precision == "bf16" and p.zero_stage == 0:

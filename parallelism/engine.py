@@ -54,6 +54,10 @@ def deepspeed_config(cfg: RunConfig, dp: int) -> dict:
     }
     if t.precision == "bf16":
         ds["bf16"] = {"enabled": True}
+    if cfg.parallel.sequence_parallel:
+        # DeepSpeed's pipeline sends 1/tp of an activation per TP rank and all-gathers it, assuming the TP ranks
+        # hold the same activation; with sequence parallelism each holds its own slice.
+        ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     return ds
 
 
@@ -93,6 +97,25 @@ def _patch_pipeline_clip_norm() -> None:
 
     clip._shardforge = True
     ds_engine.clip_grad_norm_ = clip
+
+
+def sum_sequence_parallel_grads(model: nn.Module, layout: Layout) -> int:
+    """With sequence parallelism each TP rank computes norm-weight gradients from its slice of the sequence: sum
+    them over the TP group as they are produced (a tensor hook runs before DeepSpeed's own reduction hooks)."""
+    if layout.tp == 1:
+        return 0
+    n = 0
+    for p in model.parameters():
+        if getattr(p, "sequence_parallel", False):
+
+            def hook(grad, group=layout.tp_group):
+                grad = grad.clone()
+                dist.all_reduce(grad, group=group)
+                return grad
+
+            p.register_hook(hook)
+            n += 1
+    return n
 
 
 class Engine:
@@ -192,6 +215,7 @@ def build_engine(parts: ModelParts, layout: Layout, cfg: RunConfig, build_optimi
     if layout.pp == 1:
         model = parts.build_sequential()
         parts.init_weights(model, layout)
+        sum_sequence_parallel_grads(model, layout)
         model.to(layout.device)
         optimizer = build_optimizer(model)
         ds, *_ = deepspeed.initialize(
@@ -214,6 +238,7 @@ def build_engine(parts: ModelParts, layout: Layout, cfg: RunConfig, build_optimi
     grid = model._grid
     assert (grid.get_stage_id(), grid.get_data_parallel_id()) == (layout.pp_rank, layout.dp_rank), "rank layouts differ"
     parts.init_weights(model, layout)
+    sum_sequence_parallel_grads(model, layout)
     model.to(layout.device)
     optimizer = build_optimizer(model)
     ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_schedule, config=ds_cfg)

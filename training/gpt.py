@@ -67,8 +67,23 @@ def transformer_config(
     )
 
 
-def layer_spec(normalization: str):
-    """The transformer-layer spec: Transformer Engine's when installed with a GPU, else megatron's local one."""
+class SequenceParallelNorm:
+    """A torch LayerNorm/RMSNorm usable with sequence parallelism (megatron's ``WrappedTorchNorm`` refuses it).
+
+    Its parameters are tagged ``sequence_parallel``: each TP rank sees only its slice of the sequence, so their
+    gradients must be summed over the TP group (``parallelism.engine`` registers that)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_):
+        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = norm_cls(hidden_size, eps=eps, dtype=config.params_dtype)
+        for p in norm.parameters():
+            p.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def layer_spec(normalization: str, sequence_parallel: bool = False):
+    """The transformer-layer spec: Transformer Engine's when installed with a GPU, else megatron's local one
+    (with sequence-parallel-capable norms when asked)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if torch.cuda.is_available():
@@ -78,7 +93,11 @@ def layer_spec(normalization: str):
             return specs.get_gpt_layer_with_transformer_engine_spec()
         except ImportError:
             pass
-    return specs.get_gpt_layer_local_spec(normalization=normalization)
+    spec = specs.get_gpt_layer_local_spec(normalization=normalization)
+    if sequence_parallel:
+        spec.submodules.input_layernorm = SequenceParallelNorm
+        spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
+    return spec
 
 
 def causal_mask(seq: int, device) -> torch.Tensor:
@@ -108,7 +127,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         from megatron.core.transformer.transformer_layer import TransformerLayer
 
-        self.layer = TransformerLayer(config, layer_spec(m.normalization).submodules, layer_number=index + 1)
+        spec = layer_spec(m.normalization, config.sequence_parallel)
+        self.layer = TransformerLayer(config, spec.submodules, layer_number=index + 1)
         self.rope = None
         if m.position_embedding == "rope":
             from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -133,9 +153,7 @@ class DecoderLayer(nn.Module):
 class FinalNorm(nn.Module):
     def __init__(self, config, m: ModelConfig):
         super().__init__()
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-        self.final_layernorm = WrappedTorchNorm(config=config, hidden_size=m.hidden_size, eps=config.layernorm_epsilon)
+        self.final_layernorm = SequenceParallelNorm(config, m.hidden_size, eps=config.layernorm_epsilon)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.final_layernorm(h)

@@ -67,3 +67,20 @@ def test_layout_matches_single_process(layout, reference, prepared, tmp_path):
     got = train(tmp_path, prepared, tp, pp, dp, zero)
     for step, (a, b) in enumerate(zip(got["losses"], reference["losses"]), 1):
         assert abs(a - b) / abs(b) < 1e-6, f"step {step}: {a} vs {b} ({got['layout']})"
+
+
+@pytest.mark.parametrize(
+    "layout", [(2, 1, 1, 0), (2, 1, 2, 2), (2, 2, 1, 1)], ids=lambda lay: "sp-tp{}-pp{}-dp{}-zero{}".format(*lay)
+)
+def test_sequence_parallel_matches_single_process(layout, reference, prepared, tmp_path):
+    tp, pp, dp, zero = layout
+    got = train(tmp_path, prepared, tp, pp, dp, zero, extra=["parallel.sequence_parallel=true"])
+    for step, (a, b) in enumerate(zip(got["losses"], reference["losses"]), 1):
+        assert abs(a - b) / abs(b) < 1e-6, f"step {step}: {a} vs {b} (sequence parallel, {got['layout']})"
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_the_losses(mode, reference, prepared, tmp_path):
+    got = train(tmp_path, prepared, extra=[f"parallel.activation_checkpointing={mode}"])
+    for a, b in zip(got["losses"], reference["losses"]):
+        assert abs(a - b) / abs(b) < 1e-6
