@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat constraints.txt setup.py | sha256sum | cut -c1-12)
-export DS_ACCELERATOR ?= cpu
 export PYTHONUNBUFFERED := 1
 
 .PHONY: venv quickstart test bench lint clean

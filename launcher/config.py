@@ -125,6 +125,8 @@ class ModelConfig(Section):
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     activation: Literal["swiglu", "gelu"] = "swiglu"
     tie_embeddings: bool = False
+    attention: Literal["sdpa", "megatron"] = "sdpa"
+    """Core attention: torch's fused scaled_dot_product_attention, or megatron-core's local one."""
     dropout: float = Field(0.0, ge=0, lt=1)
     init_std: float = Field(0.02, gt=0)
     init_from: str | None = None

@@ -40,8 +40,7 @@ def torchrun_command(module: str, config_path: str, overrides: list[str], nproc:
 
 def run_ranks(module: str, cfg: RunConfig, config_path: str, overrides: list[str]) -> int:
     """Run ``module`` once per rank: in this process for one rank, else through torchrun; return its exit code."""
-    env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu")
+    env = dict(os.environ)  # DeepSpeed's accelerator is chosen per rank (launcher.train): cuda if present, else cpu
     if cfg.parallel.nproc == 1 or under_launcher():
         return subprocess.call([sys.executable, "-m", module, "-c", config_path, *overrides], env=env)
     env.setdefault("OMP_NUM_THREADS", "1")

@@ -44,10 +44,14 @@ class ConsoleLog(Callback):
         tps, mfu = self.tp.of(m)
         eta = (trainer.max_steps - m.step) * m.step_time_s
         gn = f"{m.grad_norm:.3f}" if m.grad_norm is not None else "-"
+        mem = memory_gb()
+        mem_text = (
+            f"gpu mem {mem['max_allocated_gb']:.2f} GB" if "max_allocated_gb" in mem else f"mem {mem['rss_gb']:.2f} GB"
+        )
         self.print(
             f"step {m.step:>6}/{trainer.max_steps} | loss {m.loss:.4f} | lr {m.lr:.3e} | grad_norm {gn} | "
             f"{tps:,.0f} tok/s | mfu {100 * mfu:.2f}% | step {m.step_time_s * 1000:.0f} ms | "
-            f"data {100 * m.data_wait_s / max(m.step_time_s, 1e-9):.1f}% | mem {memory_gb()['rss_gb']:.2f} GB | "
+            f"data {100 * m.data_wait_s / max(m.step_time_s, 1e-9):.1f}% | {mem_text} | "
             f"eta {eta / 60:.1f} min" + (" | SKIPPED (non-finite)" if m.skipped else ""),
             flush=True,
         )

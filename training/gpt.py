@@ -81,9 +81,10 @@ class SequenceParallelNorm:
         return norm
 
 
-def layer_spec(normalization: str, sequence_parallel: bool = False):
+def layer_spec(normalization: str, sequence_parallel: bool = False, attention: str = "sdpa"):
     """The transformer-layer spec: Transformer Engine's when installed with a GPU, else megatron's local one
-    (with sequence-parallel-capable norms when asked)."""
+    (with sequence-parallel-capable norms when asked, and torch SDPA as core attention unless
+    ``attention="megatron"``)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if torch.cuda.is_available():
@@ -94,6 +95,10 @@ def layer_spec(normalization: str, sequence_parallel: bool = False):
         except ImportError:
             pass
     spec = specs.get_gpt_layer_local_spec(normalization=normalization)
+    if attention == "sdpa":
+        from training.attention import SDPACoreAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     if sequence_parallel:
         spec.submodules.input_layernorm = SequenceParallelNorm
         spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
@@ -127,19 +132,27 @@ class DecoderLayer(nn.Module):
         super().__init__()
         from megatron.core.transformer.transformer_layer import TransformerLayer
 
-        spec = layer_spec(m.normalization, config.sequence_parallel)
+        spec = layer_spec(m.normalization, config.sequence_parallel, m.attention)
         self.layer = TransformerLayer(config, spec.submodules, layer_number=index + 1)
         self.rope = None
         if m.position_embedding == "rope":
             from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-            self.rope = RotaryEmbedding(config.kv_channels, rotary_percent=1.0, use_cpu_initialization=True)
+            on_cpu = not torch.cuda.is_available()
+            self.rope = RotaryEmbedding(config.kv_channels, rotary_percent=1.0, use_cpu_initialization=on_cpu)
         self.recompute_full = recompute_full
+        self._rope_cache: tuple[int, torch.Tensor] | None = None
+
+    def _rotary(self, seq: int) -> torch.Tensor | None:
+        if self.rope is None:
+            return None
+        if self._rope_cache is None or self._rope_cache[0] != seq:
+            self._rope_cache = (seq, self.rope(seq))
+        return self._rope_cache[1]
 
     def _forward(self, h: torch.Tensor) -> torch.Tensor:
         seq = h.shape[0] * (self.layer.config.tensor_model_parallel_size if self.layer.config.sequence_parallel else 1)
-        rope = self.rope(seq) if self.rope is not None else None
-        out, _ = self.layer(h, attention_mask=causal_mask(seq, h.device), rotary_pos_emb=rope)
+        out, _ = self.layer(h, attention_mask=causal_mask(seq, h.device), rotary_pos_emb=self._rotary(seq))
         return out
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
