@@ -188,6 +188,9 @@ class TrainConfig(Section):
     early_stopping_min_delta: float = Field(0.0, ge=0)
     """An improvement must lower the validation loss by more than this."""
     max_consecutive_skips: int = Field(5, ge=1)
+    """Stop with an error after this many steps in a row with a non-finite loss."""
+    exit_interval: int | None = Field(None, ge=1)
+    """Checkpoint and exit (code 0) after this many steps of this run, as Megatron's --exit-interval."""
 
 
 class CheckpointConfig(Section):

@@ -1,7 +1,8 @@
 """Per-rank training entry point: parse, build, train, close (``python -m launcher.train -c FILE [k=v ...]``).
 
 ``shardforge train`` runs this directly for one process, or spawns ``parallel.nproc`` copies through torchrun;
-under ``srun`` each task runs it with its rank taken from Slurm's variables.
+under ``srun`` each task runs it with its rank taken from Slurm's variables. Exit codes: 0 done, 2 user error,
+3 integrity error, 75 checkpointed after SIGTERM/SIGUSR1 (please requeue).
 """
 
 from __future__ import annotations
@@ -14,20 +15,66 @@ from pathlib import Path
 import torch
 
 from launcher.config import RunConfig, load_config
-from launcher.errors import ShardforgeError
+from launcher.errors import EXIT_REQUEUE, ShardforgeError
 
 
-def _say(layout, *args, **kw) -> None:
-    if layout.rank == 0:
-        print(*args, **kw)
+def _check_data(cfg: RunConfig) -> dict:
+    from data_pipeline.loader import check_tokenizer, load_dataset_manifest
+
+    root = cfg.data.output_dir
+    manifest = load_dataset_manifest(root)
+    if cfg.tokenizer.model_file:
+        check_tokenizer(root, cfg.tokenizer.model_file)
+    if manifest["seq_length"] != cfg.data.seq_length:
+        raise ShardforgeError(
+            f"data.seq_length={cfg.data.seq_length} but the shards in {root} hold {manifest['seq_length']}",
+            fix=f"set data.seq_length={manifest['seq_length']} or prepare the data again",
+        )
+    return manifest
+
+
+def _loaders(cfg: RunConfig, layout):
+    from data_pipeline.batching import BatchLoader
+    from data_pipeline.loader import SampleStream
+
+    t, root = cfg.train, cfg.data.output_dir
+    train = BatchLoader(
+        SampleStream(root, "train", seed=cfg.loader.seed, shuffle=cfg.loader.shuffle),
+        t.global_batch_size,
+        t.micro_batch_size,
+        layout.dp_rank,
+        layout.dp,
+        cfg.loader.num_workers,
+    )
+    val_stream = SampleStream(root, "validation", seed=cfg.loader.seed, shuffle=False)
+
+    def val_batches():
+        gbs = t.micro_batch_size * layout.dp * t.eval_iters
+        return BatchLoader(val_stream, gbs, t.micro_batch_size, layout.dp_rank, layout.dp).next_step()
+
+    return train, val_batches
+
+
+def _result(trainer, val, ckpt, resumed_from, layout) -> dict:
+    return {
+        "steps": trainer.state.step,
+        "losses": trainer.losses,
+        "grad_norms": trainer.grad_norms,
+        "step_times": trainer.step_times,
+        "val": val.history,
+        "stop_reason": trainer.stop_reason,
+        "layout": layout.describe(),
+        "preempted": ckpt.preempted,
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "start_step": trainer.state.step - len(trainer.losses),
+    }
 
 
 def build_and_train(cfg: RunConfig) -> dict:
-    from data_pipeline.batching import BatchLoader
-    from data_pipeline.loader import SampleStream, check_tokenizer, load_dataset_manifest
     from parallelism.engine import build_engine
     from parallelism.layout import init_distributed, seed_all, shutdown
-    from training.callbacks import ConsoleLog, TensorBoardLogger, Throughput, Validation
+    from training.callbacks import Checkpointing, ConsoleLog, TensorBoardLogger, Throughput, Validation
+    from training.checkpoint import CheckpointManager
     from training.flops import device_peak_flops, training_flops_per_token
     from training.model import model_parts
     from training.optim import WarmupDecaySchedule, build_optimizer
@@ -36,86 +83,48 @@ def build_and_train(cfg: RunConfig) -> dict:
     layout = init_distributed(cfg.parallel)
     try:
         seed_all(cfg.train.seed)
-        root = cfg.data.output_dir
-        manifest = load_dataset_manifest(root)
-        if cfg.tokenizer.model_file:
-            check_tokenizer(root, cfg.tokenizer.model_file)
-        vocab = manifest["tokenizer"]["vocab_size"]
-        if manifest["seq_length"] != cfg.data.seq_length:
-            raise ShardforgeError(
-                f"data.seq_length={cfg.data.seq_length} but the shards in {root} hold {manifest['seq_length']}",
-                fix=f"set data.seq_length={manifest['seq_length']} or prepare the data again",
-            )
-        parts = model_parts(cfg, vocab)
+        vocab = _check_data(cfg)["tokenizer"]["vocab_size"]
+        t = cfg.train
         engine = build_engine(
-            parts,
+            model_parts(cfg, vocab),
             layout,
             cfg,
             build_optimizer=lambda model: build_optimizer(model, cfg.optim),
-            build_schedule=lambda opt: WarmupDecaySchedule(opt, cfg.optim, cfg.train.max_steps),
+            build_schedule=lambda opt: WarmupDecaySchedule(opt, cfg.optim, t.max_steps),
         )
-        t = cfg.train
-        train = BatchLoader(
-            SampleStream(root, "train", seed=cfg.loader.seed, shuffle=cfg.loader.shuffle),
-            t.global_batch_size,
-            t.micro_batch_size,
-            layout.dp_rank,
-            layout.dp,
-            cfg.loader.num_workers,
-        )
-        val_stream = SampleStream(root, "validation", seed=cfg.loader.seed, shuffle=False)
-
-        def val_batches():
-            gbs = t.micro_batch_size * layout.dp * t.eval_iters
-            return BatchLoader(val_stream, gbs, t.micro_batch_size, layout.dp_rank, layout.dp).next_step()
-
+        train, val_batches = _loaders(cfg, layout)
         writer = layout.is_last_stage and layout.tp_rank == 0 and layout.dp_rank == 0
+        say = print if writer else None
         _, peak = device_peak_flops(None, t.precision)
         thr = Throughput(training_flops_per_token(cfg.model, vocab, cfg.data.seq_length), peak * layout.world)
         tb = TensorBoardLogger(cfg.logging.tensorboard_dir, cfg.to_yaml(), writer, thr)
-        val = Validation(
-            t.eval_interval,
-            val_batches,
-            tb,
-            t.early_stopping_patience,
-            print if writer else None,
-            t.early_stopping_min_delta,
-        )
-        log = ConsoleLog(cfg.logging.log_interval, thr, writer)
+        val = Validation(t.eval_interval, val_batches, tb, t.early_stopping_patience, say, t.early_stopping_min_delta)
         trainer = Trainer(
             engine,
             train,
             t.max_steps,
             t.global_batch_size * cfg.data.seq_length,
             t.max_consecutive_skips,
-            [log, tb, val],
+            [ConsoleLog(cfg.logging.log_interval, thr, writer), tb, val],
         )
-        _say(
-            layout,
-            f"training {cfg.model.arch} on {layout.describe()}; "
-            f"{sum(p.numel() for p in engine.module.parameters()):,} parameters on rank 0",
-            flush=True,
-        )
+        manager = CheckpointManager(cfg, layout, log=print if layout.rank == 0 else (lambda *a, **k: None))
+        stateful = {"trainer": trainer.state, "schedule": engine.ds.lr_scheduler, "loader": train, "validation": val}
+        resumed_from = manager.find_resume()
+        if resumed_from is not None:
+            manager.load(resumed_from, engine, stateful)
+        ckpt = Checkpointing(manager, engine, stateful, cfg.checkpoint.interval, t.exit_interval)
+        trainer.callbacks.append(ckpt)
+        if layout.rank == 0:
+            n = sum(p.numel() for p in engine.module.parameters())
+            print(f"training {cfg.model.arch} on {layout.describe()}; {n:,} parameters on rank 0", flush=True)
         trainer.fit()
-        result = {
-            "steps": trainer.state.step,
-            "losses": trainer.losses,
-            "grad_norms": trainer.grad_norms,
-            "step_times": trainer.step_times,
-            "val": val.history,
-            "stop_reason": trainer.stop_reason,
-            "layout": layout.describe(),
-        }
+        result = _result(trainer, val, ckpt, resumed_from, layout)
         if writer:
             path = Path(cfg.run_dir) / "train_result.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, indent=1))
-            print(
-                f"done: {trainer.stop_reason}; final validation loss {val.history[-1][1]:.4f}"
-                if val.history
-                else f"done: {trainer.stop_reason}",
-                flush=True,
-            )
+            final = f"; final validation loss {val.history[-1][1]:.4f}" if val.history else ""
+            print(f"done: {trainer.stop_reason}{final}", flush=True)
         return result
     finally:
         shutdown()
@@ -129,11 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     try:
-        build_and_train(load_config(args.config, args.overrides))
+        result = build_and_train(load_config(args.config, args.overrides))
     except ShardforgeError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
-    return 0
+    return EXIT_REQUEUE if result["preempted"] else 0
 
 
 if __name__ == "__main__":

@@ -150,3 +150,45 @@ class Validation(Callback):
     def load_state_dict(self, state: dict) -> None:
         self.best, self.bad_evals = state["best"], state["bad_evals"]
         self.history = [tuple(x) for x in state["history"]]
+
+
+class Checkpointing(Callback):
+    """Saves every ``interval`` steps and at the end; on SIGTERM/SIGUSR1 (on any rank) saves and stops the run
+    as preempted; with ``exit_interval`` saves and stops after that many steps of this run."""
+
+    def __init__(self, manager, engine, stateful: dict, interval: int, exit_interval: int | None, group=None):
+        import signal
+
+        self.manager, self.engine, self.stateful = manager, engine, stateful
+        self.interval, self.exit_interval, self.group = interval, exit_interval, group
+        self.signalled = 0
+        self.preempted = False
+        self.last_saved: int | None = None
+        self._start_step: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = signum
+
+    def _any_rank_signalled(self) -> bool:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if self.signalled else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self._start_step = trainer.state.step
+
+    def on_step_end(self, trainer: Trainer, m: StepMetrics) -> None:
+        preempt = self._any_rank_signalled()
+        done_here = self.exit_interval is not None and m.step - self._start_step >= self.exit_interval
+        if preempt or done_here or m.step % self.interval == 0 or m.step >= trainer.max_steps:
+            self.manager.save(m.step, self.engine, self.stateful)
+            self.last_saved = m.step
+        if preempt:
+            self.preempted = True
+            trainer.stop(f"preempted by a signal at step {m.step}; checkpoint saved, please requeue")
+        elif done_here:
+            trainer.stop(f"train.exit_interval={self.exit_interval} reached at step {m.step}; checkpoint saved")
