@@ -75,6 +75,36 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_checkpoint_inspect(args: argparse.Namespace) -> int:
+    from training.consolidate import inspect
+
+    print(inspect(args.dir))
+    return EXIT_OK
+
+
+def cmd_checkpoint_verify(args: argparse.Namespace) -> int:
+    from training.checkpoint import verify_checkpoint
+    from training.consolidate import resolve
+
+    path = resolve(args.dir)
+    problems = verify_checkpoint(path)
+    for p in problems:
+        print(f"FAIL {p}")
+    if problems:
+        print(f"error: checkpoint {path} does not verify ({len(problems)} problems)", file=sys.stderr)
+        return EXIT_INTEGRITY
+    print(f"OK: every file of {path} matches its manifest")
+    return EXIT_OK
+
+
+def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
+    from training.consolidate import consolidate
+
+    out = consolidate(args.dir, args.out)
+    print(f"wrote {out}/model.safetensors and {out}/config.json")
+    return EXIT_OK
+
+
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("-c", "--config", required=required, help="run config YAML (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
@@ -110,6 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (spawns parallel.nproc local ranks through torchrun)")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
+
+    ck = sub.add_parser("checkpoint", help="inspect, verify and consolidate checkpoints").add_subparsers(
+        dest="sub", metavar="SUBCOMMAND", required=True
+    )
+    p = ck.add_parser("inspect", help="step, layout, sizes and verification of a checkpoint")
+    p.add_argument("dir", help="a step_N folder, or a checkpoint root (uses its latest)")
+    p.set_defaults(func=cmd_checkpoint_inspect)
+    p = ck.add_parser("verify", help="re-check every file of a checkpoint against its manifest")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_checkpoint_verify)
+    p = ck.add_parser("consolidate", help="write one fp32 safetensors file of full weights plus the config")
+    p.add_argument("dir")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_checkpoint_consolidate)
 
     p = sub.add_parser("tensorboard", help="start TensorBoard on localhost for a run directory")
     p.add_argument("run_dir", help="run directory (or its tensorboard/ folder)")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 from launcher.config import RunConfig
+from launcher.errors import EXIT_REQUEUE
 
 
 def free_port() -> int:
@@ -44,4 +48,14 @@ def run_ranks(module: str, cfg: RunConfig, config_path: str, overrides: list[str
     if cfg.parallel.nproc == 1 or under_launcher():
         return subprocess.call([sys.executable, "-m", module, "-c", config_path, *overrides], env=env)
     env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.call(torchrun_command(module, config_path, overrides, cfg.parallel.nproc), env=env)
+    started = time.time()
+    rc = subprocess.call(torchrun_command(module, config_path, overrides, cfg.parallel.nproc), env=env)
+    return _requeue_code(rc, Path(cfg.run_dir) / "train_result.json", started)
+
+
+def _requeue_code(rc: int, result: Path, started: float) -> int:
+    """torchrun reports any rank's non-zero exit as 1; keep "checkpointed, please requeue" visible."""
+    if rc != 0 and result.is_file() and result.stat().st_mtime >= started:
+        if json.loads(result.read_text()).get("preempted"):
+            return EXIT_REQUEUE
+    return rc

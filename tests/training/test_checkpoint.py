@@ -1,0 +1,173 @@
+"""Checkpoints on real ranks: exact resume, resume onto other layouts, corruption, signals, fault injection."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from launcher.config import validate_config
+from launcher.errors import EXIT_INTEGRITY, EXIT_REQUEUE
+from training.checkpoint import CheckpointManager, verify_checkpoint
+
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def args_for(run: Path, prepared: Path, steps: int, extra) -> list[str]:
+    return [sys.executable, "-m", "launcher.cli", "train", "-c", "configs/tiny.yaml", f"run_dir={run}",
+            f"data.output_dir={prepared}", f"train.max_steps={steps}", "checkpoint.interval=5",
+            "train.eval_interval=5", *extra]
+
+
+def train(run: Path, prepared: Path, steps: int = 10, extra=(), expect: int = 0) -> dict:
+    r = subprocess.run(args_for(run, prepared, steps, extra), cwd=REPO, env=ENV, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == expect, r.stderr[-3000:]
+    return json.loads((run / "train_result.json").read_text()) if expect in (0, EXIT_REQUEUE) else {"stderr": r.stderr}
+
+
+def layout_args(tp=1, pp=1, dp=1, zero=0) -> list[str]:
+    return [f"parallel.nproc={tp * pp * dp}", f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.zero_stage={zero}"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prepared, tmp_path_factory):
+    return train(tmp_path_factory.mktemp("full") / "run", prepared)
+
+
+def test_resume_on_the_same_layout_is_bitwise_exact(prepared, tmp_path):
+    lay = layout_args(dp=2, zero=2)
+    full = train(tmp_path / "full", prepared, extra=lay)
+    first = train(tmp_path / "cut", prepared, extra=[*lay, "train.exit_interval=5"])
+    assert first["steps"] == 5 and first["losses"] == full["losses"][:5]
+    second = train(tmp_path / "cut", prepared, extra=lay)
+    assert second["resumed_from"].endswith("step_00000005") and second["start_step"] == 5
+    assert second["losses"] == full["losses"][5:]  # bitwise: fp32 on CPU
+    assert second["val"] == full["val"]  # validation history is part of the state
+    state = json.loads((tmp_path / "cut" / "checkpoints" / "step_00000010" / "trainer.json").read_text())
+    assert state["loader"]["position"] == 10 * 8 and state["schedule"]["last_step"] == 10
+    assert state["trainer"]["tokens_seen"] == 10 * 8 * 64
+
+
+@pytest.mark.parametrize(
+    "before, after",
+    [
+        ((2, 1, 1, 1), (1, 1, 2, 1)),  # TP=2 -> DP=2
+        ((1, 2, 1, 0), (1, 1, 1, 0)),  # PP=2 -> PP=1
+        ((1, 1, 2, 3), (1, 1, 2, 1)),  # ZeRO-3 -> ZeRO-1
+        ((1, 1, 2, 2), (1, 1, 1, 0)),  # 2 ranks -> 1
+        ((1, 1, 1, 0), (2, 2, 1, 1)),  # 1 rank -> TP=2 x PP=2
+    ],
+    ids=lambda lay: "tp{}pp{}dp{}z{}".format(*lay),
+)
+def test_resume_onto_another_layout_continues_the_losses(before, after, prepared, tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    train(run, prepared, extra=[*layout_args(*before), "train.exit_interval=5"])
+    resumed = train(run, prepared, extra=layout_args(*after))
+    assert resumed["start_step"] == 5
+    for a, b in zip(resumed["losses"], uninterrupted["losses"][5:]):
+        assert abs(a - b) / abs(b) < 1e-6, (resumed["losses"], uninterrupted["losses"][5:])
+    state = json.loads((run / "checkpoints" / "step_00000010" / "trainer.json").read_text())
+    assert state["loader"]["position"] == 80  # the global data position carried over
+
+
+def test_corrupt_or_partial_checkpoints_are_skipped_and_named(prepared, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(run, prepared)
+    root = run / "checkpoints"
+    newest = root / "step_00000010"
+    model = next((newest / "model").glob("*.safetensors"))
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    assert any("sha256 does not match" in p and model.name in p for p in verify_checkpoint(newest))
+    (root / "step_00000020.tmp").mkdir()  # an interrupted save
+    (root / "step_00000015").mkdir()  # a folder without a manifest
+    cfg = validate_config({"checkpoint": {"dir": str(root)}})
+    chosen = CheckpointManager(cfg, layout=None)._choose()
+    assert chosen == str(root / "step_00000005")
+    err = capsys.readouterr().err
+    assert "skipping checkpoint" in err and "step_00000010" in err and "step_00000015" in err
+    r = train(run, prepared, steps=12, extra=[f"checkpoint.resume={newest}"], expect=EXIT_INTEGRITY)
+    assert "checkpoint.resume=" in r["stderr"] and "sha256 does not match" in r["stderr"]
+    cli = subprocess.run([sys.executable, "-m", "launcher.cli", "checkpoint", "verify", str(newest)], cwd=REPO,
+                         capture_output=True, text=True)
+    assert cli.returncode == EXIT_INTEGRITY and model.name in cli.stdout
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused(prepared, tmp_path):
+    run = tmp_path / "run"
+    train(run, prepared, steps=5)
+    r = train(run, prepared, steps=10, extra=["model.ffn_hidden_size=192"], expect=EXIT_INTEGRITY)
+    assert "does not fit this model" in r["stderr"] and "linear_fc1.weight" in r["stderr"]
+
+
+def test_retention_keeps_the_last_k_and_every_mth(prepared, tmp_path):
+    run = tmp_path / "run"
+    train(run, prepared, steps=20, extra=["checkpoint.keep_last=2", "checkpoint.keep_every=10"])
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["latest", "step_00000010", "step_00000015", "step_00000020"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000020"
+
+
+def test_sigterm_checkpoints_exits_with_the_requeue_code_and_resumes(prepared, tmp_path):
+    run = tmp_path / "run"
+    steps = 40
+    full = train(tmp_path / "full", prepared, steps=steps, extra=["logging.log_interval=1"])
+    proc = subprocess.Popen(args_for(run, prepared, steps, ["logging.log_interval=1"]), cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("step") and "/40" in line and int(line.split()[1].split("/")[0]) >= 7:
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=300) == EXIT_REQUEUE
+    first = json.loads((run / "train_result.json").read_text())
+    assert first["preempted"] and "preempted" in first["stop_reason"]
+    cut = first["steps"]
+    assert (run / "checkpoints" / f"step_{cut:08d}" / "manifest.json").is_file()
+    second = train(run, prepared, steps=steps, extra=["logging.log_interval=1"])
+    assert second["start_step"] == cut and first["losses"] + second["losses"] == full["losses"]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    out = run / "consolidated"
+    subprocess.run([sys.executable, "-m", "launcher.cli", "checkpoint", "consolidate", str(run / "checkpoints"),
+                    str(out)], cwd=REPO, check=True, capture_output=True)
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_fault_injection_kill_9_at_random_moments(prepared, tmp_path):
+    """10 rounds of kill -9 during start-up, steps or saves; every round resumes; `latest` never points at an
+    incomplete checkpoint; the final weights equal the uninterrupted run's."""
+    steps, extra = 30, ["checkpoint.interval=3", "train.eval_interval=100"]
+    ref = tmp_path / "ref"
+    train(ref, prepared, steps=steps, extra=extra)
+    run = tmp_path / "run"
+    rng = random.Random(7)
+    resumed_rounds = 0
+    for _ in range(10):
+        proc = subprocess.Popen(args_for(run, prepared, steps, extra), cwd=REPO, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(rng.uniform(4.0, 9.0))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        latest = run / "checkpoints" / "latest"
+        if latest.exists():
+            target = run / "checkpoints" / latest.read_text().strip()
+            assert verify_checkpoint(target) == [], target
+            resumed_rounds += 1
+    final = train(run, prepared, steps=steps, extra=extra)
+    assert final["steps"] == steps and resumed_rounds >= 5
+    a, b = final_weights(ref), final_weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

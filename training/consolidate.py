@@ -1,0 +1,64 @@
+"""``shardforge checkpoint inspect | verify | consolidate``: look into a checkpoint without DeepSpeed.
+
+``consolidate`` reassembles the canonical TP slices into one fp32 safetensors file of full weights (the names of
+the layer list, e.g. ``1.layer.self_attention.linear_qkv.weight``) plus the run's config, usable anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from launcher.errors import IntegrityError
+from training.canonical import CanonicalReader
+from training.checkpoint import read_manifest, verify_checkpoint
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder, or a checkpoint root (then its ``latest``)."""
+    p = Path(path)
+    if (p / "latest").is_file() and not (p / "manifest.json").exists():
+        p = p / (p / "latest").read_text().strip()
+    if not p.is_dir():
+        raise IntegrityError(f"checkpoint '{path}' does not exist", fix="give a step_N folder or its parent")
+    return p
+
+
+def inspect(path: str | Path) -> str:
+    p = resolve(path)
+    problems = verify_checkpoint(p)
+    manifest = read_manifest(p) if (p / "manifest.json").is_file() else {}
+    trainer = json.loads((p / "trainer.json").read_text()) if (p / "trainer.json").is_file() else {}
+    lay = manifest.get("layout", {})
+    size = sum(f["bytes"] for f in manifest.get("files", {}).values())
+    lines = [
+        f"checkpoint {p}",
+        f"  step {manifest.get('step')}  tokens seen {trainer.get('trainer', {}).get('tokens_seen')}",
+        f"  layout tp={lay.get('tp')} pp={lay.get('pp')} dp={lay.get('dp')} zero={lay.get('zero_stage')} "
+        f"world={lay.get('world')}",
+        f"  {len(manifest.get('files', {}))} files, {size / 1e6:.2f} MB",
+        f"  loader position {trainer.get('loader', {}).get('position')}  lr step "
+        f"{trainer.get('schedule', {}).get('last_step')}",
+        "  verification: " + ("OK" if not problems else f"{len(problems)} problem(s): {problems[0]}"),
+    ]
+    return "\n".join(lines)
+
+
+def consolidate(path: str | Path, out: str | Path) -> Path:
+    p = resolve(path)
+    problems = verify_checkpoint(p)
+    if problems:
+        raise IntegrityError(f"checkpoint {p} does not verify: {problems[0]}")
+    trainer = json.loads((p / "trainer.json").read_text())
+    cfg, lay = trainer["config"], trainer["layout"]
+    gated = cfg["model"]["activation"] == "swiglu"
+    reader = CanonicalReader(p / "model", lay["tp"])
+    tensors = {k.split("/", 1)[1]: reader.full(k, gated) for k in sorted(reader.files) if k.startswith("param/")}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
+              metadata={"step": str(trainer["trainer"]["step"]), "format": "shardforge-consolidated/1"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    return out
