@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -46,11 +47,23 @@ def run_ranks(module: str, cfg: RunConfig, config_path: str, overrides: list[str
     """Run ``module`` once per rank: in this process for one rank, else through torchrun; return its exit code."""
     env = dict(os.environ)  # DeepSpeed's accelerator is chosen per rank (launcher.train): cuda if present, else cpu
     if cfg.parallel.nproc == 1 or under_launcher():
-        return subprocess.call([sys.executable, "-m", module, "-c", config_path, *overrides], env=env)
+        return call_forwarding_signals([sys.executable, "-m", module, "-c", config_path, *overrides], env)
     env.setdefault("OMP_NUM_THREADS", "1")
     started = time.time()
-    rc = subprocess.call(torchrun_command(module, config_path, overrides, cfg.parallel.nproc), env=env)
+    rc = call_forwarding_signals(torchrun_command(module, config_path, overrides, cfg.parallel.nproc), env)
     return _requeue_code(rc, Path(cfg.run_dir) / "train_result.json", started)
+
+
+def call_forwarding_signals(cmd: list[str], env: dict) -> int:
+    """Run ``cmd``; SIGTERM/SIGUSR1/SIGINT sent to this process are passed on (the ranks checkpoint on them)."""
+    proc = subprocess.Popen(cmd, env=env)
+    forwarded = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    previous = {sig: signal.signal(sig, lambda s, f: proc.send_signal(s)) for sig in forwarded}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _requeue_code(rc: int, result: Path, started: float) -> int:
