@@ -23,9 +23,7 @@ $(STAMP): constraints.txt setup.py
 	touch $@
 
 quickstart: venv
-	$(VENV)/bin/shardforge data prepare -c configs/quickstart.yaml
-	$(VENV)/bin/shardforge train -c configs/quickstart.yaml
-	@echo "quickstart outputs: runs/quickstart/ (TensorBoard: $(VENV)/bin/shardforge tensorboard runs/quickstart)"
+	$(PY) -m launcher.quickstart
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -58,7 +58,10 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
     tensors = {k.split("/", 1)[1]: reader.full(k, gated) for k in sorted(reader.files) if k.startswith("param/")}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
-              metadata={"step": str(trainer["trainer"]["step"]), "format": "shardforge-consolidated/1"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(out / "model.safetensors"),
+        metadata={"step": str(trainer["trainer"]["step"]), "format": "shardforge-consolidated/1"},
+    )
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     return out

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors.torch import load_file
 
-from conftest import REPO
 from launcher.config import validate_config
 from launcher.errors import EXIT_INTEGRITY, EXIT_REQUEUE
 from training.checkpoint import CheckpointManager, verify_checkpoint
@@ -24,14 +24,26 @@ ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
 def args_for(run: Path, prepared: Path, steps: int, extra) -> list[str]:
-    return [sys.executable, "-m", "launcher.cli", "train", "-c", "configs/tiny.yaml", f"run_dir={run}",
-            f"data.output_dir={prepared}", f"train.max_steps={steps}", "checkpoint.interval=5",
-            "train.eval_interval=5", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "train",
+        "-c",
+        "configs/tiny.yaml",
+        f"run_dir={run}",
+        f"data.output_dir={prepared}",
+        f"train.max_steps={steps}",
+        "checkpoint.interval=5",
+        "train.eval_interval=5",
+        *extra,
+    ]
 
 
 def train(run: Path, prepared: Path, steps: int = 10, extra=(), expect: int = 0) -> dict:
-    r = subprocess.run(args_for(run, prepared, steps, extra), cwd=REPO, env=ENV, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        args_for(run, prepared, steps, extra), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == expect, r.stderr[-3000:]
     return json.loads((run / "train_result.json").read_text()) if expect in (0, EXIT_REQUEUE) else {"stderr": r.stderr}
 
@@ -100,8 +112,12 @@ def test_corrupt_or_partial_checkpoints_are_skipped_and_named(prepared, tmp_path
     assert "skipping checkpoint" in err and "step_00000010" in err and "step_00000015" in err
     r = train(run, prepared, steps=12, extra=[f"checkpoint.resume={newest}"], expect=EXIT_INTEGRITY)
     assert "checkpoint.resume=" in r["stderr"] and "sha256 does not match" in r["stderr"]
-    cli = subprocess.run([sys.executable, "-m", "launcher.cli", "checkpoint", "verify", str(newest)], cwd=REPO,
-                         capture_output=True, text=True)
+    cli = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "checkpoint", "verify", str(newest)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert cli.returncode == EXIT_INTEGRITY and model.name in cli.stdout
 
 
@@ -124,8 +140,14 @@ def test_sigterm_checkpoints_exits_with_the_requeue_code_and_resumes(prepared, t
     run = tmp_path / "run"
     steps = 40
     full = train(tmp_path / "full", prepared, steps=steps, extra=["logging.log_interval=1"])
-    proc = subprocess.Popen(args_for(run, prepared, steps, ["logging.log_interval=1"]), cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        args_for(run, prepared, steps, ["logging.log_interval=1"]),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     for line in proc.stdout:
         if line.startswith("step") and "/40" in line and int(line.split()[1].split("/")[0]) >= 7:
             proc.send_signal(signal.SIGTERM)
@@ -142,8 +164,12 @@ def test_sigterm_checkpoints_exits_with_the_requeue_code_and_resumes(prepared, t
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
     out = run / "consolidated"
-    subprocess.run([sys.executable, "-m", "launcher.cli", "checkpoint", "consolidate", str(run / "checkpoints"),
-                    str(out)], cwd=REPO, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "checkpoint", "consolidate", str(run / "checkpoints"), str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     return load_file(str(out / "model.safetensors"))
 
 
@@ -157,8 +183,14 @@ def test_fault_injection_kill_9_at_random_moments(prepared, tmp_path):
     rng = random.Random(7)
     resumed_rounds = 0
     for _ in range(10):
-        proc = subprocess.Popen(args_for(run, prepared, steps, extra), cwd=REPO, env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            args_for(run, prepared, steps, extra),
+            cwd=REPO,
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         time.sleep(rng.uniform(4.0, 9.0))
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
