@@ -33,13 +33,34 @@ def _check_data(cfg: RunConfig) -> dict:
     return manifest
 
 
-def _loaders(cfg: RunConfig, layout):
+def _train_stream(cfg: RunConfig, manifest: dict):
+    """The training split of ``data.output_dir``, or the weighted blend of ``loader.blend`` datasets."""
+    from data_pipeline.batching import BlendedStream
+    from data_pipeline.loader import SampleStream, load_dataset_manifest
+
+    if not cfg.loader.blend:
+        return SampleStream(cfg.data.output_dir, "train", seed=cfg.loader.seed, shuffle=cfg.loader.shuffle)
+    for src in cfg.loader.blend:
+        other = load_dataset_manifest(src.path)
+        if other["tokenizer"]["sha256"] != manifest["tokenizer"]["sha256"]:
+            raise ShardforgeError(
+                f"loader.blend dataset '{src.path}' was tokenized with another tokenizer than {cfg.data.output_dir}",
+                fix="prepare every blended dataset with the same tokenizer.model_file",
+            )
+    streams = [
+        SampleStream(s.path, "train", seed=cfg.loader.seed + i, shuffle=cfg.loader.shuffle)
+        for i, s in enumerate(cfg.loader.blend)
+    ]
+    return BlendedStream(streams, [s.weight for s in cfg.loader.blend])
+
+
+def _loaders(cfg: RunConfig, layout, manifest: dict):
     from data_pipeline.batching import BatchLoader
     from data_pipeline.loader import SampleStream
 
     t, root = cfg.train, cfg.data.output_dir
     train = BatchLoader(
-        SampleStream(root, "train", seed=cfg.loader.seed, shuffle=cfg.loader.shuffle),
+        _train_stream(cfg, manifest),
         t.global_batch_size,
         t.micro_batch_size,
         layout.dp_rank,
@@ -55,7 +76,7 @@ def _loaders(cfg: RunConfig, layout):
     return train, val_batches
 
 
-def _result(trainer, val, ckpt, resumed_from, layout) -> dict:
+def _result(trainer, val, ckpt, resumed_from, layout, manager) -> dict:
     return {
         "steps": trainer.state.step,
         "losses": trainer.losses,
@@ -67,6 +88,8 @@ def _result(trainer, val, ckpt, resumed_from, layout) -> dict:
         "preempted": ckpt.preempted,
         "resumed_from": str(resumed_from) if resumed_from else None,
         "start_step": trainer.state.step - len(trainer.losses),
+        "checkpoint_saves": manager.saves,
+        "checkpoint_load_seconds": manager.load_seconds,
     }
 
 
@@ -83,7 +106,8 @@ def build_and_train(cfg: RunConfig) -> dict:
     layout = init_distributed(cfg.parallel)
     try:
         seed_all(cfg.train.seed)
-        vocab = _check_data(cfg)["tokenizer"]["vocab_size"]
+        manifest = _check_data(cfg)
+        vocab = manifest["tokenizer"]["vocab_size"]
         t = cfg.train
         engine = build_engine(
             model_parts(cfg, vocab),
@@ -92,7 +116,7 @@ def build_and_train(cfg: RunConfig) -> dict:
             build_optimizer=lambda model: build_optimizer(model, cfg.optim),
             build_schedule=lambda opt: WarmupDecaySchedule(opt, cfg.optim, t.max_steps),
         )
-        train, val_batches = _loaders(cfg, layout)
+        train, val_batches = _loaders(cfg, layout, manifest)
         writer = layout.is_last_stage and layout.tp_rank == 0 and layout.dp_rank == 0
         say = print if writer else None
         _, peak = device_peak_flops(None, t.precision)
@@ -118,7 +142,7 @@ def build_and_train(cfg: RunConfig) -> dict:
             n = sum(p.numel() for p in engine.module.parameters())
             print(f"training {cfg.model.arch} on {layout.describe()}; {n:,} parameters on rank 0", flush=True)
         trainer.fit()
-        result = _result(trainer, val, ckpt, resumed_from, layout)
+        result = _result(trainer, val, ckpt, resumed_from, layout, manager)
         if writer:
             path = Path(cfg.run_dir) / "train_result.json"
             path.parent.mkdir(parents=True, exist_ok=True)

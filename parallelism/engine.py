@@ -146,17 +146,39 @@ class PlainEngine(Engine):
     """PP = 1: forward, ``engine.backward`` and ``engine.step`` per micro-batch (DeepSpeed accumulates)."""
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> float:
+        """One optimizer step. A micro-batch whose loss is not finite on any rank turns the whole step into a
+        skipped one: its backward uses a zero surrogate and the step runs with lr 0, so the weights are unchanged
+        (AdamW's moments still absorb the finite micro-batches' gradients). Returns NaN for a skipped step.
+        Under ZeRO-3 (partitioned parameters) and with PP > 1 the step is applied and only counted."""
         self.ds.train()
         total = torch.zeros(())
+        skipped = False
         for i, tokens in enumerate(micro_batches):
             tokens = tokens.to(self.layout.device)
             loss = self.loss_fn(self.ds(tokens[:, :-1]), tokens[:, 1:])
-            self.ds.backward(loss)
-            if i == len(micro_batches) - 1 and self.layout.zero_stage == 0:
-                self._norm = self._replicated_grad_norm()  # ZeRO-0 does not report it
+            skipped = skipped or (self.layout.zero_stage < 3 and not self._finite_everywhere(loss))
+            self.ds.backward(self._zero_surrogate() if skipped else loss)
+            if i == len(micro_batches) - 1:
+                if self.layout.zero_stage == 0:
+                    self._norm = self._replicated_grad_norm()  # ZeRO-0 does not report it
+                if skipped:
+                    self._set_lr(0.0)
             self.ds.step()
             total += loss.detach().float().cpu()
-        return self._dp_mean(total / len(micro_batches))
+        return float("nan") if skipped else self._dp_mean(total / len(micro_batches))
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        flag = torch.tensor([1.0 if torch.isfinite(loss.detach()).all() else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _zero_surrogate(self) -> torch.Tensor:
+        """A loss whose gradient is exactly zero for every parameter (every rank must still run backward)."""
+        return sum(p.reshape(-1)[:1].sum() * 0.0 for p in self.ds.module.parameters() if p.requires_grad)
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr  # the schedule sets the next step's rate again after this step
 
     def _replicated_grad_norm(self) -> float:
         """Global L2 norm of the (already data-parallel-reduced) gradients: TP shards summed over the TP group,

@@ -192,3 +192,6 @@ class Checkpointing(Callback):
             trainer.stop(f"preempted by a signal at step {m.step}; checkpoint saved, please requeue")
         elif done_here:
             trainer.stop(f"train.exit_interval={self.exit_interval} reached at step {m.step}; checkpoint saved")
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self.manager.wait()  # an asynchronous save must be on disk before the run ends

@@ -112,7 +112,7 @@ def gather_canonical(ds_engine, optimizer_name: str, keep: bool) -> dict[str, to
         for key in (None, *OPTIMIZER_KEYS[optimizer_name]):
             value = _get(p, ds_engine, key)
             if keep and value is not None:
-                out[f"{key or 'param'}/{name}"] = value.detach().cpu().contiguous()
+                out[f"{key or 'param'}/{name}"] = value.detach().to("cpu", copy=True).contiguous()
     return out
 
 

@@ -20,6 +20,8 @@ import json
 import os
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -96,13 +98,18 @@ class CheckpointManager:
         self.cfg, self.layout, self.log = cfg, layout, log
         self.root = Path(cfg.checkpoint.dir)
         self.gated = cfg.model.activation == "swiglu"
+        self.saves: list[dict] = []  # step, bytes, seconds of every save (rank 0)
+        self.load_seconds: float | None = None
 
     # --- saving ---------------------------------------------------------------------------------------
     def save(self, step: int, engine, stateful: dict) -> Path:
-        """Collective: every rank calls it. Returns the final checkpoint path."""
+        """Collective: every rank calls it. The state is copied to memory at once; with
+        ``checkpoint.async_save`` the files are written by a background thread while training goes on (the next
+        save, and the end of training, wait for it). Returns the final checkpoint path."""
+        self.wait()
+        started = time.perf_counter()
         lay = self.layout
-        final = self.root / step_dir_name(step)
-        tmp = self.root / (step_dir_name(step) + ".tmp")
+        final, tmp = self.root / step_dir_name(step), self.root / (step_dir_name(step) + ".tmp")
         if lay.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -111,38 +118,80 @@ class CheckpointManager:
         dist.barrier()
         keep = lay.dp_rank == 0
         tensors = canonical.gather_canonical(engine.ds, self.cfg.optim.name, keep)
-        if keep:
-            path = tmp / "model" / f"tp{lay.tp_rank}_pp{lay.pp_rank}.safetensors"
-            canonical.write_canonical(path, tensors, {"tp": str(lay.tp), "pp": str(lay.pp)})
-            _fsync_file(path)
-        self._save_rng(tmp / "rng" / f"rank{lay.rank:05d}.safetensors")
+        rng = self._rng_tensors()
+        state_text = None
         if lay.rank == 0:
             state = {name: obj.state_dict() for name, obj in stateful.items()}
             state["optimizer_step"] = canonical.optimizer_step_count(engine.ds)
             state["config"] = self.cfg.model_dump(mode="json")
             state["layout"] = self._layout_dict()
-            _write_json(tmp / "trainer.json", state)
-        dist.barrier()
+            state_text = json.dumps(state, indent=1)
+        record = {"step": step, "blocked_seconds": 0.0, "seconds": 0.0, "bytes": 0}
+
+        def write() -> None:
+            self._write_files(tmp, tensors if keep else None, rng, state_text)
+            if lay.rank == 0:
+                self._wait_for_ranks(tmp)
+                self._publish(tmp, final, step)
+                self._apply_retention()
+                record["bytes"] = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
+            record["seconds"] = time.perf_counter() - started
+
+        if self.cfg.checkpoint.async_save:
+            record["blocked_seconds"] = time.perf_counter() - started
+            self._pending = threading.Thread(target=write, name=f"checkpoint-{step}", daemon=False)
+            self._pending.start()
+        else:
+            write()
+            dist.barrier()  # published everywhere before anyone goes on
+            record["blocked_seconds"] = time.perf_counter() - started
         if lay.rank == 0:
-            self._publish(tmp, final, step)
-            self._apply_retention()
-        dist.barrier()
+            self.saves.append(record)
         return final
+
+    def wait(self) -> None:
+        """Block until the previous asynchronous save (if any) has been written and published."""
+        pending = getattr(self, "_pending", None)
+        if pending is not None:
+            pending.join()
+            self._pending = None
+
+    def _write_files(self, tmp: Path, tensors: dict | None, rng: dict, state_text: str | None) -> None:
+        lay = self.layout
+        if tensors is not None:
+            path = tmp / "model" / f"tp{lay.tp_rank}_pp{lay.pp_rank}.safetensors"
+            canonical.write_canonical(path, tensors, {"tp": str(lay.tp), "pp": str(lay.pp)})
+            _fsync_file(path)
+        path = tmp / "rng" / f"rank{lay.rank:05d}.safetensors"
+        save_file(rng, str(path))
+        _fsync_file(path)
+        if state_text is not None:
+            (tmp / "trainer.json").write_text(state_text)
+            _fsync_file(tmp / "trainer.json")
+        (tmp / f".done-{lay.rank:05d}").touch()  # a marker, so rank 0 knows this rank's files are complete
+
+    def _wait_for_ranks(self, tmp: Path, timeout_s: float = 3600.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(list(tmp.glob(".done-*"))) < self.layout.world:
+            if time.monotonic() > deadline:
+                raise IntegrityError(f"checkpoint {tmp}: not every rank finished writing within {timeout_s:.0f} s")
+            time.sleep(0.02)
+        for marker in tmp.glob(".done-*"):
+            marker.unlink()
 
     def _layout_dict(self) -> dict:
         lay = self.layout
         return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero_stage": lay.zero_stage, "world": lay.world}
 
-    def _save_rng(self, path: Path) -> None:
+    def _rng_tensors(self) -> dict[str, torch.Tensor]:
         from megatron.core import tensor_parallel
 
         tensors = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             tensors["cuda"] = torch.cuda.get_rng_state().cpu()
         for name, st in tensor_parallel.get_cuda_rng_tracker().get_states().items():
-            tensors[f"tracker/{name}"] = st.cpu()
-        save_file(tensors, str(path))
-        _fsync_file(path)
+            tensors[f"tracker/{name}"] = st.cpu().clone()
+        return tensors
 
     def _publish(self, tmp: Path, final: Path, step: int) -> None:
         files = {}
@@ -204,6 +253,7 @@ class CheckpointManager:
 
     def load(self, path: Path, engine, stateful: dict) -> dict:
         """Collective: restore model, optimizer, RNG and every stateful object; return trainer.json."""
+        started = time.perf_counter()
         state = json.loads((path / "trainer.json").read_text())
         old = state["layout"]
         reader = canonical.CanonicalReader(path / "model", old["tp"])
@@ -217,6 +267,7 @@ class CheckpointManager:
         engine.ds.global_steps = state["trainer"]["step"]
         self._load_rng(path / "rng" / f"rank{self.layout.rank:05d}.safetensors")
         same = all(old[k] == v for k, v in self._layout_dict().items())
+        self.load_seconds = time.perf_counter() - started
         if self.layout.rank == 0:
             where = (
                 "same layout"

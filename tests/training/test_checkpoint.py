@@ -203,3 +203,14 @@ def test_fault_injection_kill_9_at_random_moments(prepared, tmp_path):
     assert final["steps"] == steps and resumed_rounds >= 5
     a, b = final_weights(ref), final_weights(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_async_save_gives_the_same_checkpoints_and_resume(prepared, tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    first = train(run, prepared, extra=["checkpoint.async_save=true", "train.exit_interval=5"])
+    assert verify_checkpoint(run / "checkpoints" / "step_00000005") == []
+    saves = first["checkpoint_saves"]
+    assert saves[0]["blocked_seconds"] <= saves[0]["seconds"]
+    second = train(run, prepared, extra=["checkpoint.async_save=true"])
+    assert first["losses"] + second["losses"] == uninterrupted["losses"]
+    assert verify_checkpoint(run / "checkpoints" / "step_00000010") == []

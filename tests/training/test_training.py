@@ -134,3 +134,47 @@ def test_non_finite_losses_stop_the_run_with_a_clear_message(tmp_path, prepared)
     )
     assert r.returncode == EXIT_USAGE
     assert "loss was not finite for 2 steps in a row" in r.stderr
+
+
+def test_bf16_tracks_fp32(tmp_path, prepared):
+    _, fp32, _ = run_train(tmp_path, prepared, "train.max_steps=8", "optim.clip_grad=1.0", name="fp32")
+    r, bf16, _ = run_train(
+        tmp_path,
+        prepared,
+        "train.max_steps=8",
+        "optim.clip_grad=1.0",
+        "train.precision=bf16",
+        "parallel.zero_stage=1",
+        name="bf16",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert max(abs(a - b) for a, b in zip(fp32["losses"], bf16["losses"])) < 0.05
+    assert bf16["losses"] != fp32["losses"]  # it really ran in bf16
+
+
+def test_blended_datasets_train_and_a_foreign_tokenizer_is_refused(tmp_path, prepared):
+    from conftest import make_corpus, small_config
+
+    from data_pipeline.prepare import prepare_dataset
+
+    corpus = make_corpus(tmp_path / "corpus", 15)
+    same_tok = small_config(
+        tmp_path,
+        [str(corpus)],
+        data={"output_dir": str(tmp_path / "same")},
+        tokenizer={"model_file": str(prepared / "tokenizer" / "tokenizer.model")},
+    )
+    prepare_dataset(same_tok)
+    blend = f"loader.blend=[{{path: {prepared}, weight: 3}}, {{path: {tmp_path / 'same'}, weight: 1}}]"
+    r, res, _ = run_train(tmp_path, prepared, "train.max_steps=6", blend, name="blend")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(res["losses"]) == 6
+    state = json.loads((tmp_path / "blend" / "checkpoints" / "step_00000006" / "trainer.json").read_text())
+    assert state["loader"]["stream"]["drawn"] == [36, 12]  # 6 steps x 8 samples, 3:1
+    other = small_config(
+        tmp_path, [str(corpus)], data={"output_dir": str(tmp_path / "other")}, tokenizer={"vocab_size": 420}
+    )
+    prepare_dataset(other)
+    foreign = f"loader.blend=[{{path: {prepared}, weight: 1}}, {{path: {tmp_path / 'other'}, weight: 1}}]"
+    r, _, _ = run_train(tmp_path, prepared, "train.max_steps=2", foreign, name="foreign")
+    assert r.returncode == EXIT_USAGE and "another tokenizer" in r.stderr
