@@ -47,14 +47,22 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
     from data_pipeline.manifest import read_manifest, verify_dataset
 
     manifest = read_manifest(args.dir)
-    problems = verify_dataset(args.dir, manifest)
     n = sum(len(s["shards"]) for s in manifest["splits"].values()) + 1
+    return _report(
+        verify_dataset(args.dir, manifest),
+        f"{{}} of {n} files do not match the manifest in {args.dir}",
+        f"OK: {n} files match {args.dir}/manifest.json",
+    )
+
+
+def _report(problems: list[str], error: str, ok: str) -> int:
+    """Print one FAIL line per problem and a summary; exit code 3 when anything failed."""
     for p in problems:
         print(f"FAIL {p}")
     if problems:
-        print(f"error: {len(problems)} of {n} files do not match the manifest in {args.dir}", file=sys.stderr)
+        print("error: " + error.format(len(problems)), file=sys.stderr)
         return EXIT_INTEGRITY
-    print(f"OK: {n} files match {args.dir}/manifest.json")
+    print(ok)
     return EXIT_OK
 
 
@@ -87,14 +95,11 @@ def cmd_checkpoint_verify(args: argparse.Namespace) -> int:
     from training.consolidate import resolve
 
     path = resolve(args.dir)
-    problems = verify_checkpoint(path)
-    for p in problems:
-        print(f"FAIL {p}")
-    if problems:
-        print(f"error: checkpoint {path} does not verify ({len(problems)} problems)", file=sys.stderr)
-        return EXIT_INTEGRITY
-    print(f"OK: every file of {path} matches its manifest")
-    return EXIT_OK
+    return _report(
+        verify_checkpoint(path),
+        f"checkpoint {path} does not verify ({{}} problems)",
+        f"OK: every file of {path} matches its manifest",
+    )
 
 
 def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
