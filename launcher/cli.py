@@ -110,6 +110,29 @@ def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from launcher.planner import search, summary
+
+    cfg = _load(args)
+    gpus = args.gpus or cfg.parallel.nproc
+    vocab = cfg.tokenizer.vocab_size
+    text, plan = summary(cfg, vocab, args.gpu, gpus, args.mfu, args.price_per_gpu_hour, args.tokens)
+    print(text)
+    if args.search:
+        fits, rejected = search(cfg, vocab, args.gpu, gpus, args.mfu)
+        tried = len(fits) + sum(rejected.values())
+        print(f"\nlayouts that fit on {gpus} x {args.gpu}, fastest first ({len(fits)} of {tried}):")
+        print(f"{'tp':>3}{'pp':>4}{'dp':>5}{'zero':>5}{'mb':>4} {'recompute':<10}{'GiB':>7}{'step s':>9}")
+        for pl in fits[: args.top]:
+            lay = pl.layout
+            print(
+                f"{lay.tp:>3}{lay.pp:>4}{lay.dp:>5}{lay.zero:>5}{lay.micro_batch:>4} {lay.recompute:<10}"
+                f"{pl.memory.total / 2**30:>7.1f}{pl.step_s:>9.3f}"
+            )
+        print("rejected: " + ", ".join(f"{n} x {why}" for why, n in sorted(rejected.items(), key=lambda x: -x[1])))
+    return EXIT_OK
+
+
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("-c", "--config", required=required, help="run config YAML (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
@@ -159,6 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("out")
     p.set_defaults(func=cmd_checkpoint_consolidate)
+
+    p = sub.add_parser("plan", help="estimate memory per device, step time, GPU-hours and cost before running")
+    _add_config_args(p)
+    p.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100", "cpu"], help="device kind")
+    p.add_argument("--gpus", type=int, default=None, help="number of devices (default: parallel.nproc)")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization (default 0.4)")
+    p.add_argument("--price-per-gpu-hour", type=float, default=None, help="price of one device-hour")
+    p.add_argument("--tokens", type=float, default=None, help="training tokens (default: 20 per parameter)")
+    p.add_argument("--search", action="store_true", help="list every layout that fits, fastest first")
+    p.add_argument("--top", type=int, default=10, help="how many layouts --search lists")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("tensorboard", help="start TensorBoard on localhost for a run directory")
     p.add_argument("run_dir", help="run directory (or its tensorboard/ folder)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def _result(trainer, val, ckpt, resumed_from, layout, manager) -> dict:
         "start_step": trainer.state.step - len(trainer.losses),
         "checkpoint_saves": manager.saves,
         "checkpoint_load_seconds": manager.load_seconds,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
 
 

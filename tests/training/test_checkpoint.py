@@ -201,8 +201,10 @@ def test_fault_injection_kill_9_at_random_moments(prepared, tmp_path):
             assert verify_checkpoint(target) == [], target
             resumed_rounds += 1
     final = train(run, prepared, steps=steps, extra=extra)
-    print(f"fault injection: 10 kill -9 rounds, {resumed_rounds} left a verified `latest` to resume from, "
-          f"{partial_seen} interrupted saves (step_N.tmp) seen and never used")
+    print(
+        f"fault injection: 10 kill -9 rounds, {resumed_rounds} left a verified `latest` to resume from, "
+        f"{partial_seen} interrupted saves (step_N.tmp) seen and never used"
+    )
     assert final["steps"] == steps and resumed_rounds >= 5
     a, b = final_weights(ref), final_weights(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
