@@ -5,7 +5,7 @@ parameters: fp32 weights plus AdamW's two moments). Usage: python bench/bench_ch
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import write_result  # noqa: E402
+from bench.common import shardforge, write_result  # noqa: E402
 
 MODEL = [
     "model.num_layers=8",
@@ -32,11 +32,6 @@ MODEL = [
     "logging.log_interval=1000",
     "checkpoint.interval=2",
 ]
-
-
-def shardforge(*args: str) -> None:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=REPO, env=env, check=True, capture_output=True)
 
 
 def dd(src: str, dst: str, count_mb: int, fsync: bool) -> float:
@@ -74,6 +69,7 @@ def main() -> None:
     write_s = dd("/dev/zero", str(raw), mb, fsync=True)
     read_s = dd(str(raw), "/dev/null", mb, fsync=False)
     save_s = min(s["blocked_seconds"] for s in saves)
+    shutil.rmtree(tmp, ignore_errors=True)  # the runs are only measured
     write_result(
         "checkpoint",
         {

@@ -8,9 +8,7 @@ that the planner covers only with its fixed 1 GiB."""
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import write_result  # noqa: E402
+from bench.common import shardforge, write_result  # noqa: E402
 from launcher.config import load_config  # noqa: E402
 from launcher.planner import GIB, Layout, plan_layout  # noqa: E402
 
@@ -43,14 +41,8 @@ MFU = 0.6  # dense fp32 matmuls on one core reach most of its peak
 
 def main() -> None:
     tmp = Path(tempfile.mkdtemp())
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     base = [f"run_dir={tmp}", *MODEL]
-    subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "data", "prepare", "-c", "configs/tiny.yaml", *base],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
+    shardforge("data", "prepare", "-c", "configs/tiny.yaml", *base)
     rows = []
     for tp, pp, dp, zero in LAYOUTS:
         over = [
@@ -63,13 +55,7 @@ def main() -> None:
             f"parallel.pp={pp}",
             f"parallel.zero_stage={zero}",
         ]
-        subprocess.run(
-            [sys.executable, "-m", "launcher.cli", "train", "-c", "configs/tiny.yaml", *over],
-            cwd=REPO,
-            env=env,
-            check=True,
-            capture_output=True,
-        )
+        shardforge("train", "-c", "configs/tiny.yaml", *over, OMP_NUM_THREADS="1")
         res = json.loads((tmp / f"r{tp}{pp}{dp}{zero}" / "train_result.json").read_text())
         cfg = load_config(REPO / "configs" / "tiny.yaml", over)
         plan = plan_layout(cfg, 4096, Layout(tp, pp, dp, zero, 8, "none"), "cpu", tp * pp * dp, MFU)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import write_result  # noqa: E402
+from bench.common import shardforge, write_result  # noqa: E402
 from launcher.config import load_config  # noqa: E402
 
 MODEL = [
@@ -42,34 +40,24 @@ MODEL = [
 
 def prepare(tmp: Path) -> list[str]:
     over = [f"run_dir={tmp}", *MODEL]
-    subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "data", "prepare", "-c", "configs/tiny.yaml", *over],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
+    shardforge("data", "prepare", "-c", "configs/tiny.yaml", *over)
     return over
 
 
 def framework(over: list[str], steps: int, nproc: int) -> list[float]:
-    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher_vars} | {"DS_ACCELERATOR": "cpu"}
-    args = [
+    root = Path(over[0][len("run_dir=") :])
+    shardforge(
+        "train",
+        "-c",
+        "configs/tiny.yaml",
         *over,
         f"train.max_steps={steps}",
         f"parallel.nproc={nproc}",
-        f"run_dir={over[0][8:]}/n{nproc}",
-        f"data.output_dir={over[0][8:]}/data",
+        f"run_dir={root}/n{nproc}",
+        f"data.output_dir={root}/data",
         f"train.global_batch_size={8 * nproc}",
-    ]
-    subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "train", "-c", "configs/tiny.yaml", *args],
-        cwd=REPO,
-        env=env,
-        check=True,
-        capture_output=True,
     )
-    return json.loads((Path(over[0][8:]) / f"n{nproc}" / "train_result.json").read_text())["step_times"]
+    return json.loads((root / f"n{nproc}" / "train_result.json").read_text())["step_times"]
 
 
 def bare_loop(over: list[str], steps: int) -> list[float]:

@@ -37,3 +37,21 @@ def write_result(name: str, figures: dict) -> Path:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps(payload, indent=2))
     return path
+
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def shardforge(*args: str, **env: str) -> None:
+    """Run a `shardforge` command from the repository root (CPU DeepSpeed, no inherited rank variables)."""
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS} | {"DS_ACCELERATOR": "cpu"}
+    subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args],
+        cwd=Path(__file__).resolve().parents[1],
+        env=base | env,
+        check=True,
+        capture_output=True,
+    )

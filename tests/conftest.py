@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +62,40 @@ def prepared(tmp_path_factory) -> Path:
 @pytest.fixture
 def quickstart_config():
     return load_config(REPO / "configs" / "quickstart.yaml")
+
+
+TRAIN_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def layout_args(tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 0) -> list[str]:
+    """Overrides for a (TP, PP, DP, ZeRO) layout."""
+    return [f"parallel.nproc={tp * pp * dp}", f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.zero_stage={zero}"]
+
+
+def train_command(run: Path, prepared: Path, *overrides: str) -> list[str]:
+    """`shardforge train` on configs/tiny.yaml into ``run``, reading the dataset ``prepared``."""
+    return [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "train",
+        "-c",
+        "configs/tiny.yaml",
+        f"run_dir={run}",
+        f"data.output_dir={prepared}",
+        *overrides,
+    ]
+
+
+def shardforge_train(run: Path, prepared: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """Run `shardforge train` to the end; return the process and its train_result.json (None if not written)."""
+    r = subprocess.run(
+        train_command(run, prepared, *overrides),
+        cwd=REPO,
+        env={**os.environ, **TRAIN_ENV},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    result_file = run / "train_result.json"
+    return r, json.loads(result_file.read_text()) if result_file.exists() else None

@@ -13,43 +13,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, TRAIN_ENV, layout_args, shardforge_train, train_command
 from safetensors.torch import load_file
 
 from launcher.config import validate_config
 from launcher.errors import EXIT_INTEGRITY, EXIT_REQUEUE
 from training.checkpoint import CheckpointManager, verify_checkpoint
 
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, **TRAIN_ENV}
+
+
+def _overrides(steps: int, extra) -> list[str]:
+    return [f"train.max_steps={steps}", "checkpoint.interval=5", "train.eval_interval=5", *extra]
 
 
 def args_for(run: Path, prepared: Path, steps: int, extra) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "launcher.cli",
-        "train",
-        "-c",
-        "configs/tiny.yaml",
-        f"run_dir={run}",
-        f"data.output_dir={prepared}",
-        f"train.max_steps={steps}",
-        "checkpoint.interval=5",
-        "train.eval_interval=5",
-        *extra,
-    ]
+    return train_command(run, prepared, *_overrides(steps, extra))
 
 
 def train(run: Path, prepared: Path, steps: int = 10, extra=(), expect: int = 0) -> dict:
-    r = subprocess.run(
-        args_for(run, prepared, steps, extra), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600
-    )
+    r, result = shardforge_train(run, prepared, *_overrides(steps, extra))
     assert r.returncode == expect, r.stderr[-3000:]
-    return json.loads((run / "train_result.json").read_text()) if expect in (0, EXIT_REQUEUE) else {"stderr": r.stderr}
-
-
-def layout_args(tp=1, pp=1, dp=1, zero=0) -> list[str]:
-    return [f"parallel.nproc={tp * pp * dp}", f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.zero_stage={zero}"]
+    return result if expect in (0, EXIT_REQUEUE) else {"stderr": r.stderr}
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,8 @@ about 1e-4, so this tolerance catches it.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
-from conftest import REPO
+from conftest import layout_args, shardforge_train
 
 LAYOUTS = [
     (2, 1, 1, 0),
@@ -28,27 +23,11 @@ LAYOUTS = [
 
 
 def train(tmp_path, prepared, tp=1, pp=1, dp=1, zero=0, extra=()) -> dict:
-    run = tmp_path / f"tp{tp}pp{pp}dp{dp}z{zero}"
-    args = [
-        f"run_dir={run}",
-        f"data.output_dir={prepared}",
-        f"parallel.nproc={tp * pp * dp}",
-        f"parallel.tp={tp}",
-        f"parallel.pp={pp}",
-        f"parallel.zero_stage={zero}",
-        *extra,
-    ]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "train", "-c", "configs/tiny.yaml", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    r, result = shardforge_train(
+        tmp_path / f"tp{tp}pp{pp}dp{dp}z{zero}", prepared, *layout_args(tp, pp, dp, zero), *extra
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads((run / "train_result.json").read_text())
+    return result
 
 
 @pytest.fixture(scope="module")

@@ -4,28 +4,15 @@ RNN baselines train data-parallel, bad layouts fail before a rank starts, non-fi
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-from conftest import REPO
+from conftest import shardforge_train
 
 from launcher.errors import EXIT_USAGE
 
 
 def run_train(tmp_path, prepared, *overrides, name="run"):
     run = tmp_path / name
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    args = [f"run_dir={run}", f"data.output_dir={prepared}", *overrides]
-    r = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "train", "-c", "configs/tiny.yaml", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    result = json.loads((run / "train_result.json").read_text()) if (run / "train_result.json").exists() else None
+    r, result = shardforge_train(run, prepared, *overrides)
     return r, result, run
 
 
