@@ -71,6 +71,7 @@ class NearDuplicateIndex:
         self._minhash = MinHash
         self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self.num_perm, self.ngram, self.seed = num_perm, ngram, seed
+        self.scheme = MinHash(num_perm=num_perm, seed=seed).scheme  # for signatures rebuilt from hash values
         self._count = 0
 
     def signature(self, text: str):
@@ -78,8 +79,12 @@ class NearDuplicateIndex:
         m.update_batch(list(shingles(text, self.ngram)))
         return m
 
-    def is_duplicate_else_add(self, text: str) -> bool:
-        sig = self.signature(text)
+    def is_duplicate_else_add(self, text: str, hashvalues=None) -> bool:
+        """``hashvalues``: the signature computed elsewhere (a Slurm array task), else computed here."""
+        if hashvalues is None:
+            sig = self.signature(text)
+        else:
+            sig = self._minhash(num_perm=self.num_perm, seed=self.seed, hashvalues=hashvalues, scheme=self.scheme)
         if self._lsh.query(sig):
             return True
         self._lsh.insert(str(self._count), sig)
@@ -111,6 +116,13 @@ class FilterPipeline:
             self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
     def _keep(self, doc: Document) -> Document | None:
+        text = self.prefilter(doc)
+        if text is None or not self.deduplicate(text):
+            return None
+        return Document(doc.source, text)
+
+    def prefilter(self, doc: Document) -> str | None:
+        """The per-document stages (clean, length, quality): the cleaned text, or None when dropped."""
         cfg = self.cfg
         self.counts["clean"].docs_in += 1
         text = clean_text(doc.text)
@@ -126,17 +138,35 @@ class FilterPipeline:
         if problem:
             self._drop("quality", text, problem)
             return None
+        return text
+
+    def deduplicate(self, text: str, hashvalues=None) -> bool:
+        """The corpus-wide stages (exact, then near duplicates), in arrival order: True when ``text`` is kept."""
         self.counts["exact_dedup"].docs_in += 1
         digest = hashlib.sha256(text.encode("utf-8")).digest()
-        if cfg.dedup_exact and digest in self._seen:
+        if self.cfg.dedup_exact and digest in self._seen:
             self._drop("exact_dedup", text)
-            return None
+            return False
         self._seen.add(digest)
         self.counts["near_dedup"].docs_in += 1
-        if self._near is not None and self._near.is_duplicate_else_add(text):
+        if self._near is not None and self._near.is_duplicate_else_add(text, hashvalues):
             self._drop("near_dedup", text)
-            return None
-        return Document(doc.source, text)
+            return False
+        return True
+
+    def signature(self, text: str):
+        """The MinHash signature's hash values (None without near-dedup), for :meth:`deduplicate` elsewhere."""
+        return None if self._near is None else self._near.signature(text).hashvalues
+
+    def absorb(self, report: dict) -> None:
+        """Add another pipeline's counts (a Slurm array task's per-document stages) to these."""
+        for stage, c in report["stages"].items():
+            mine = self.counts[stage]
+            mine.docs_in += c["docs_in"]
+            mine.docs_dropped += c["docs_dropped"]
+            mine.bytes_dropped += c["bytes_dropped"]
+        for reason, n in report["reasons"].items():
+            self.reasons[reason] = self.reasons.get(reason, 0) + n
 
     def run(self, docs: Iterable[Document]) -> Iterator[Document]:
         for doc in docs:

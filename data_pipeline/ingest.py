@@ -123,10 +123,13 @@ def _jsonl_documents(path: Path, text: str, cfg: DataConfig, stats: IngestStats)
         yield Document(f"{path}:{lineno}", value)
 
 
-def iter_documents(cfg: DataConfig, stats: IngestStats | None = None) -> Iterator[Document]:
-    """Yield documents from every input in a stable order, counting what is skipped in ``stats``."""
+def iter_documents(
+    cfg: DataConfig, stats: IngestStats | None = None, files: list[Path] | None = None
+) -> Iterator[Document]:
+    """Yield documents from every input (or from ``files``, a slice of them) in a stable order, counting what is
+    skipped in ``stats``."""
     stats = stats if stats is not None else IngestStats()
-    for path in resolve_inputs(cfg):
+    for path in resolve_inputs(cfg) if files is None else files:
         text = _decode(path, _open_bytes(path), cfg, stats)
         if text is None:
             continue

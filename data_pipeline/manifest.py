@@ -30,6 +30,16 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text to ``path`` through a temporary file, fsync, then rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def read_manifest(dataset_dir: str | Path) -> dict:
     """Load and sanity-check ``DIR/manifest.json``, naming the file in every error."""
     path = Path(dataset_dir) / MANIFEST

@@ -104,6 +104,8 @@ class SplitWriter:
     sample_tokens: int
     dtype: np.dtype
     max_shard_bytes: int
+    name_prefix: str = "shard"
+    """Shard files are ``<name_prefix>-NNNNNN.tar``; Slurm array tasks use one prefix each."""
     shards: list[ShardInfo] = field(default_factory=list)
     documents: int = 0
     samples: int = 0
@@ -117,7 +119,7 @@ class SplitWriter:
         import webdataset as wds
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        pattern = str(self.out_dir).replace("%", "%%") + "/shard-%06d.tar"
+        pattern = str(self.out_dir).replace("%", "%%") + f"/{self.name_prefix}-%06d.tar"
         self._writer = wds.ShardWriter(
             pattern, maxsize=self.max_shard_bytes, post=self._shard_done, verbose=0, mtime=SHARD_MTIME
         )
@@ -150,7 +152,12 @@ class SplitWriter:
         self._chunks, self._buffered = [rest], len(rest)
 
     def _write(self, sample: np.ndarray) -> None:
-        self._writer.write({"__key__": f"{self.split}-{self.samples:09d}", "tokens.npy": encode_sample(sample)})
+        key = (
+            f"{self.split}-{self.samples:09d}"
+            if self.name_prefix == "shard"
+            else f"{self.name_prefix}-{self.samples:09d}"
+        )
+        self._writer.write({"__key__": key, "tokens.npy": encode_sample(sample)})
         self._in_shard += 1
         self.samples += 1
 
@@ -165,5 +172,6 @@ class SplitWriter:
             "samples": self.samples,
             "tokens": self.samples * self.sample_tokens,
             "dropped_tail_tokens": self.dropped_tail_tokens,
+            "document_tokens": self.samples * self.sample_tokens + self.dropped_tail_tokens,
             "shards": [vars(s) for s in self.shards],
         }

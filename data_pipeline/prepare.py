@@ -85,6 +85,11 @@ def _split_documents(cfg: RunConfig, work: Path, stats: IngestStats, filt: Filte
     finally:
         for f in files.values():
             f.close()
+    check_not_empty(stats, info)
+    return info
+
+
+def check_not_empty(stats: IngestStats, info: dict) -> None:
     if stats.documents == 0:
         raise DataError(
             "the corpus is empty: data.inputs yielded no documents"
@@ -96,7 +101,6 @@ def _split_documents(cfg: RunConfig, work: Path, stats: IngestStats, filt: Filte
             f"all {stats.documents} documents were filtered out or none fell in the train split",
             fix="loosen data.min_chars / quality thresholds or give more documents",
         )
-    return info
 
 
 def _read_split(work: Path, split: str) -> Iterator[dict]:
@@ -160,13 +164,23 @@ def _build(cfg: RunConfig, work: Path, fingerprint: str) -> dict:
     filt = FilterPipeline(cfg.data)
     info = _split_documents(cfg, work, stats, filt)
     tok_file = _make_tokenizer(cfg, work, info["train"]["bytes"])
-    sp = load_tokenizer(tok_file)
+    vocab = load_tokenizer(tok_file).get_piece_size()
     splits = {}
     with Tokenizer(tok_file, cfg.data.num_workers) as tok:
         for s in SPLIT_NAMES:
-            splits[s] = _pack_split(cfg, work, s, tok, sp.get_piece_size(), info[s]["documents"])
-            splits[s]["documents_digest"] = info[s]["digests"].hexdigest()
-            splits[s]["text_bytes"] = info[s]["bytes"]
+            splits[s] = _pack_split(cfg, work, s, tok, vocab, info[s]["documents"])
+    return write_manifest(cfg, work, fingerprint, info, splits, asdict(stats), filt.report())
+
+
+def write_manifest(
+    cfg: RunConfig, work: Path, fingerprint: str, info: dict, splits: dict, ingest: dict, filter_report: dict
+) -> dict:
+    """Check the packed splits, keep only the per-split document digests, and write ``work/manifest.json``."""
+    tok_file = work / TOKENIZER_FILE
+    sp = load_tokenizer(tok_file)
+    for s in SPLIT_NAMES:
+        splits[s]["documents_digest"] = info[s]["digests"].hexdigest()
+        splits[s]["text_bytes"] = info[s]["bytes"]
     if splits["train"]["samples"] == 0:
         raise DataError(
             f"the train split holds {splits['train']['dropped_tail_tokens']} tokens, fewer than one sample of "
@@ -192,9 +206,9 @@ def _build(cfg: RunConfig, work: Path, fingerprint: str) -> dict:
             "pad_id": sp.pad_id(),
         },
         "splits": splits,
-        "ingest": {k: v for k, v in asdict(stats).items() if k != "skipped_files"},
-        "skipped_files": stats.skipped_files[:100],
-        "filter_report": filt.report(),
+        "ingest": {k: v for k, v in ingest.items() if k != "skipped_files"},
+        "skipped_files": ingest["skipped_files"][:100],
+        "filter_report": filter_report,
         "config": {"data": cfg.data.model_dump(mode="json"), "tokenizer": cfg.tokenizer.model_dump(mode="json")},
     }
     write_json_atomic(work / MANIFEST, manifest)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from launcher.errors import EXIT_INTEGRITY, EXIT_OK, ShardforgeError
 
@@ -29,10 +30,35 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     from data_pipeline.prepare import prepare_dataset
 
     cfg = _load(args)
+    if args.slurm:
+        return _data_prepare_slurm(cfg, args)
     result = prepare_dataset(cfg, overwrite=args.overwrite)
     state = "up to date (same inputs and settings), reused" if result.reused else "prepared"
     print(f"dataset {state}: {result.output_dir}")
     print(format_table(result.manifest))
+    return EXIT_OK
+
+
+def _data_prepare_slurm(cfg, args: argparse.Namespace) -> int:
+    from data_pipeline.manifest import format_table, read_manifest
+    from data_pipeline.prepare import dataset_fingerprint
+    from launcher.errors import DataError
+    from launcher.slurm_data import STAGES, submit_prepare, wait_for_jobs
+
+    if args.tasks is not None:
+        cfg.slurm.array_tasks = args.tasks
+    work, ids = submit_prepare(cfg, overwrite=args.overwrite)
+    for (stage, _), job in zip(STAGES, ids):
+        print(f"submitted {stage} as batch job {job}")
+    print(f"logs: {work}/logs")
+    if not args.wait:
+        return EXIT_OK
+    wait_for_jobs(ids)
+    manifest_file = Path(cfg.data.output_dir) / "manifest.json"
+    if not manifest_file.is_file() or read_manifest(cfg.data.output_dir)["fingerprint"] != dataset_fingerprint(cfg):
+        raise DataError(f"the Slurm data preparation did not publish {manifest_file}", fix=f"see {work}/logs")
+    print(f"dataset prepared: {cfg.data.output_dir}")
+    print(format_table(read_manifest(cfg.data.output_dir)))
     return EXIT_OK
 
 
@@ -133,6 +159,67 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_SLURM_FLAGS = ("nodes", "gpus_per_node", "time", "partition", "account", "qos", "job_name", "launch")
+
+
+def _slurm_config(args: argparse.Namespace):
+    """The config with the command line's --nodes/--time/... applied as slurm.* overrides."""
+    from launcher.config import load_config
+
+    extra = [f"slurm.{k}={getattr(args, k)}" for k in _SLURM_FLAGS if getattr(args, k) is not None]
+    return load_config(args.config, [*args.overrides, *extra])
+
+
+def cmd_slurm_script(args: argparse.Namespace) -> int:
+    from launcher.slurm import prepare_job, render
+
+    cfg = _slurm_config(args)
+    print(render(prepare_job(cfg, requeue=args.chain <= 1)), end="")
+    return EXIT_OK
+
+
+def cmd_slurm_submit(args: argparse.Namespace) -> int:
+    from launcher.slurm import submit
+
+    script, ids = submit(_slurm_config(args), chain=args.chain)
+    print(f"wrote {script}")
+    for i in ids:
+        print(f"submitted batch job {i}")
+    return EXIT_OK
+
+
+def cmd_slurm_status(args: argparse.Namespace) -> int:
+    from launcher.slurm import status
+
+    print(status(args.run_dir))
+    return EXIT_OK
+
+
+def _add_slurm_parsers(sub) -> None:
+    slurm = sub.add_parser("slurm", help="write, submit and follow Slurm batch jobs").add_subparsers(
+        dest="sub", metavar="SUBCOMMAND", required=True
+    )
+    for name, func, text in [
+        ("script", cmd_slurm_script, "print the sbatch script for a config"),
+        ("submit", cmd_slurm_submit, "write the script into RUN_DIR/slurm/ and submit it; prints the job id"),
+    ]:
+        p = slurm.add_parser(name, help=text)
+        _add_config_args(p)
+        p.add_argument("--nodes", type=int, help="slurm.nodes")
+        p.add_argument("--gpus-per-node", dest="gpus_per_node", type=int, help="slurm.gpus_per_node")
+        p.add_argument("--time", help="slurm.time, e.g. 04:00:00")
+        p.add_argument("--partition", help="slurm.partition")
+        p.add_argument("--account", help="slurm.account")
+        p.add_argument("--qos", help="slurm.qos")
+        p.add_argument("--job-name", dest="job_name", help="slurm.job_name")
+        p.add_argument("--launch", choices=["srun", "torchrun"], help="slurm.launch")
+        p.add_argument("--chain", type=int, default=1, help="submit K jobs chained with afterany instead of requeue")
+        p.set_defaults(func=func)
+    p = slurm.add_parser("status", help="the run's jobs, states, restarts, last step and loss")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_slurm_status)
+
+
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("-c", "--config", required=required, help="run config YAML (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
@@ -157,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("prepare", help="ingest, clean, dedup, tokenize and shard a corpus")
     _add_config_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset in data.output_dir")
+    p.add_argument("--slurm", action="store_true", help="run the stages as Slurm jobs (job arrays, global dedup)")
+    p.add_argument("--tasks", type=int, default=None, help="with --slurm: array tasks (slurm.array_tasks)")
+    p.add_argument("--wait", action="store_true", help="with --slurm: wait for the jobs and print the manifest")
     p.set_defaults(func=cmd_data_prepare)
     p = data.add_parser("inspect", help="print a prepared dataset's manifest as a table")
     p.add_argument("dir", help="dataset directory holding manifest.json")
@@ -193,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", action="store_true", help="list every layout that fits, fastest first")
     p.add_argument("--top", type=int, default=10, help="how many layouts --search lists")
     p.set_defaults(func=cmd_plan)
+
+    _add_slurm_parsers(sub)
 
     p = sub.add_parser("tensorboard", help="start TensorBoard on localhost for a run directory")
     p.add_argument("run_dir", help="run directory (or its tensorboard/ folder)")

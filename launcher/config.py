@@ -217,7 +217,31 @@ class SlurmConfig(Section):
     time: str = "01:00:00"
     job_name: str = "shardforge"
     signal_grace_s: int = Field(120, ge=1)
+    """Slurm sends SIGUSR1 this many seconds before the time limit; the ranks checkpoint and the job requeues."""
     max_restarts: int = Field(10, ge=0)
+    """Requeues allowed after checkpointed preemptions; a job that fails otherwise is never requeued."""
+    launch: Literal["srun", "torchrun"] = "srun"
+    """srun: one Slurm task per device (ranks from Slurm's variables); torchrun: one torchrun per node."""
+    cpus_per_task: int = Field(8, ge=1)
+    """CPU cores per task (srun) or per node (torchrun); also OMP_NUM_THREADS."""
+    cpu_bind: str = "cores"
+    """srun --cpu-bind value."""
+    constraint: str | None = None
+    exclusive: bool = False
+    container_image: str | None = None
+    """A pyxis/enroot image: adds srun --container-image (and --container-mounts)."""
+    container_mounts: str | None = None
+    srun_args: list[str] = Field(default_factory=list)
+    """Extra srun arguments, each quoted on its own."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Environment variables exported by the batch script."""
+    array_tasks: int = Field(4, ge=1)
+    """`data prepare --slurm`: how many array tasks share the per-file stages."""
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _minutes(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # `--time 30` means 30 minutes
 
 
 class RunConfig(Section):
@@ -301,6 +325,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and not raw.startswith(("'", '"')):
+        value = raw  # a plain string stays whole: YAML would cut "a #b" at its comment marker
     return key.split("."), value
 
 

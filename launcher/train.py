@@ -2,7 +2,8 @@
 
 ``shardforge train`` runs this directly for one process, or spawns ``parallel.nproc`` copies through torchrun;
 under ``srun`` each task runs it with its rank taken from Slurm's variables. Exit codes: 0 done, 2 user error,
-3 integrity error, 75 checkpointed after SIGTERM/SIGUSR1 (please requeue).
+3 integrity error, 75 checkpointed before the end, after SIGTERM/SIGUSR1 or at ``train.exit_interval``
+(please requeue: a Slurm job requeues itself on 75, a ``--chain`` job leaves the rest to the next one).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import resource
 import sys
 from pathlib import Path
 
-import torch
-
 from launcher.config import RunConfig, load_config
 from launcher.errors import EXIT_REQUEUE, ShardforgeError
+from training.preemption import Preemption
+
+PREEMPTION = Preemption()  # installed first thing in __main__: a signal during start-up is not lost
 
 
 def _check_data(cfg: RunConfig) -> dict:
@@ -87,6 +89,7 @@ def _result(trainer, val, ckpt, resumed_from, layout, manager) -> dict:
         "stop_reason": trainer.stop_reason,
         "layout": layout.describe(),
         "preempted": ckpt.preempted,
+        "requeue": ckpt.preempted or ckpt.exited_early,
         "resumed_from": str(resumed_from) if resumed_from else None,
         "start_step": trainer.state.step - len(trainer.losses),
         "checkpoint_saves": manager.saves,
@@ -138,7 +141,7 @@ def build_and_train(cfg: RunConfig) -> dict:
         resumed_from = manager.find_resume()
         if resumed_from is not None:
             manager.load(resumed_from, engine, stateful)
-        ckpt = Checkpointing(manager, engine, stateful, cfg.checkpoint.interval, t.exit_interval)
+        ckpt = Checkpointing(manager, engine, stateful, cfg.checkpoint.interval, t.exit_interval, PREEMPTION)
         trainer.callbacks.append(ckpt)
         if layout.rank == 0:
             n = sum(p.numel() for p in engine.module.parameters())
@@ -151,9 +154,17 @@ def build_and_train(cfg: RunConfig) -> dict:
             path.write_text(json.dumps(result, indent=1))
             final = f"; final validation loss {val.history[-1][1]:.4f}" if val.history else ""
             print(f"done: {trainer.stop_reason}{final}", flush=True)
+        _all_ranks_done()  # no rank exits (and makes srun kill the others) before every file is written
         return result
     finally:
         shutdown()
+
+
+def _all_ranks_done() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,9 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     except ShardforgeError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
-    return EXIT_REQUEUE if result["preempted"] else 0
+    return EXIT_REQUEUE if result["requeue"] else 0
 
 
 if __name__ == "__main__":
+    PREEMPTION.install()
+    import torch
+
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     sys.exit(main())

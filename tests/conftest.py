@@ -99,3 +99,38 @@ def shardforge_train(run: Path, prepared: Path, *overrides: str) -> tuple[subpro
     )
     result_file = run / "train_result.json"
     return r, json.loads(result_file.read_text()) if result_file.exists() else None
+
+
+def final_weights(run: Path) -> dict:
+    """The full weights of ``run``'s latest checkpoint, through `shardforge checkpoint consolidate`."""
+    from safetensors.torch import load_file
+
+    out = run / "consolidated"
+    subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "checkpoint", "consolidate", str(run / "checkpoints"), str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    return load_file(str(out / "model.safetensors"))
+
+
+SLURM_TEST_CLUSTER = {"SHARDFORGE_SLURM_DIR": "/tmp/shardforge-slurm-tests", "SHARDFORGE_SLURM_NODES": "2",
+                      "SHARDFORGE_SLURM_PORT": "16937"}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Start the local cluster (installing the Debian packages if needed); stop it after the session."""
+    env = {**os.environ, **SLURM_TEST_CLUSTER}
+    script = str(REPO / "slurm" / "local-cluster.sh")
+    r = subprocess.run(["bash", script, "up"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"local Slurm did not start:\n{r.stdout}\n{r.stderr}"
+    saved = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = SLURM_TEST_CLUSTER["SHARDFORGE_SLURM_DIR"] + "/slurm.conf"
+    yield Path(SLURM_TEST_CLUSTER["SHARDFORGE_SLURM_DIR"])
+    subprocess.run(["bash", script, "down"], env=env, capture_output=True, timeout=120)
+    if saved is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = saved

@@ -156,25 +156,23 @@ class Checkpointing(Callback):
     """Saves every ``interval`` steps and at the end; on SIGTERM/SIGUSR1 (on any rank) saves and stops the run
     as preempted; with ``exit_interval`` saves and stops after that many steps of this run."""
 
-    def __init__(self, manager, engine, stateful: dict, interval: int, exit_interval: int | None, group=None):
-        import signal
+    def __init__(
+        self, manager, engine, stateful: dict, interval: int, exit_interval: int | None, preemption=None, group=None
+    ):
+        from training.preemption import Preemption
 
         self.manager, self.engine, self.stateful = manager, engine, stateful
         self.interval, self.exit_interval, self.group = interval, exit_interval, group
-        self.signalled = 0
+        self.signal = preemption if preemption is not None else Preemption().install()
         self.preempted = False
+        self.exited_early = False  # stopped by train.exit_interval before max_steps: resumable, like a preemption
         self.last_saved: int | None = None
         self._start_step: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        self.signalled = signum
 
     def _any_rank_signalled(self) -> bool:
         import torch.distributed as dist
 
-        flag = torch.tensor([1 if self.signalled else 0])
+        flag = torch.tensor([1 if self.signal.signum else 0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
 
@@ -191,6 +189,7 @@ class Checkpointing(Callback):
             self.preempted = True
             trainer.stop(f"preempted by a signal at step {m.step}; checkpoint saved, please requeue")
         elif done_here:
+            self.exited_early = m.step < trainer.max_steps
             trainer.stop(f"train.exit_interval={self.exit_interval} reached at step {m.step}; checkpoint saved")
 
     def on_train_end(self, trainer: Trainer) -> None:

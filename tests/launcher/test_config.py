@@ -63,6 +63,8 @@ def test_overrides_and_run_dir_interpolation(tmp_path):
     assert cfg.train.max_steps == 100 and cfg.optim.lr == 0.01
     assert cfg.data.output_dir == "runs/b/data" and cfg.checkpoint.dir == "runs/b/checkpoints"
     assert cfg.data.split == (0.9, 0.05, 0.05)
+    cfg = load_config(path, ["slurm.job_name=a #b: c", "slurm.time=30", "run_dir='quoted'"])
+    assert cfg.slurm.job_name == "a #b: c" and cfg.slurm.time == "30" and cfg.run_dir == "quoted"
 
 
 def test_bad_override_syntax(tmp_path):

@@ -1,0 +1,284 @@
+"""Slurm batch jobs: write a run's sbatch script from ``slurm/train.sbatch``, submit it, and report its jobs.
+
+Every value that reaches a script is validated here and shell-quoted with :func:`shlex.quote` (``#SBATCH`` lines
+are parsed by sbatch with the same quoting rules, except that it treats a backslash as an escape, so backslashes
+and newlines are refused). The config a job runs is frozen into ``RUN_DIR/slurm/config.yaml`` at submission, with
+every override applied, so a requeued job runs exactly what was submitted.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launcher.config import RunConfig, SlurmConfig
+from launcher.errors import ConfigError, ShardforgeError
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
+_WORD = re.compile(r"^[A-Za-z0-9_.,:+=@-]+$")  # partition, account, qos, gres names
+_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass
+class SlurmJob:
+    """What one batch script needs, after validation."""
+
+    cfg: SlurmConfig
+    run_dir: Path
+    config_file: Path
+    workdir: Path
+    world: int
+    python: str = sys.executable
+    requeue: bool = True
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tasks_per_node(self) -> int:
+        return 1 if self.cfg.launch == "torchrun" else self.world // self.cfg.nodes
+
+
+def _check_text(key: str, value: str) -> str:
+    if any(c in value for c in "\n\r\0\\"):
+        raise ConfigError(
+            f"{key}={value!r} holds a newline, NUL or backslash, which cannot reach a batch script safely",
+            fix=f"choose a {key} without them",
+        )
+    return value
+
+
+def _check_word(key: str, value: str | None) -> str | None:
+    if value is not None and not _WORD.match(value):
+        raise ConfigError(f"{key}={value!r} is not a Slurm name", fix=f"use letters, digits and _.,:+=@- in {key}")
+    return value
+
+
+def check_slurm_config(s: SlurmConfig, world: int | None) -> None:
+    """Refuse values that cannot make a correct script, naming the key and the fix."""
+    _check_text("slurm.job_name", s.job_name)
+    for key in ("partition", "account", "qos", "constraint"):
+        _check_word(f"slurm.{key}", getattr(s, key))
+    if not _TIME.match(s.time):
+        raise ConfigError(
+            f"slurm.time={s.time!r} is not a Slurm time limit", fix="use minutes, HH:MM:SS or D-HH:MM:SS, e.g. 04:00:00"
+        )
+    for name in s.env:
+        if not _ENV_NAME.match(name):
+            raise ConfigError(f"slurm.env has the bad variable name {name!r}", fix="use letters, digits and _")
+    for key, value in [("slurm.container_image", s.container_image), ("slurm.container_mounts", s.container_mounts)]:
+        if value is not None:
+            _check_text(key, value)
+    for i, arg in enumerate(s.srun_args):
+        _check_text(f"slurm.srun_args[{i}]", arg)
+    per_node = s.gpus_per_node or None
+    if world is None:  # a job that does not train (data preparation)
+        return
+    if world % s.nodes:
+        raise ConfigError(
+            f"parallel.nproc={world} ranks do not divide over slurm.nodes={s.nodes}",
+            fix="make parallel.nproc a multiple of slurm.nodes",
+        )
+    if per_node and world != s.nodes * per_node:
+        raise ConfigError(
+            f"slurm.nodes={s.nodes} x slurm.gpus_per_node={per_node} = {s.nodes * per_node} GPUs, "
+            f"but parallel.nproc={world} ranks",
+            fix=f"set parallel.nproc={s.nodes * per_node} (and tp x pp x dp to match) or change the node count",
+        )
+
+
+def _q(value: object) -> str:
+    return shlex.quote(str(value))
+
+
+def _log_path(run_dir: Path) -> str:
+    return str(run_dir / "slurm" / "train-%j.out").replace("%j", "\x00j")  # not %x: a job name may hold '/'
+
+
+def _directive_path(path: str) -> str:
+    """A path for --output: '%' is Slurm's pattern character, doubled except in the patterns we put there."""
+    return path.replace("%", "%%").replace("\x00", "%")
+
+
+def render(job: SlurmJob) -> str:
+    """The batch script for ``job``."""
+    s = job.cfg
+    optional = [f"#SBATCH --{k}={_q(v)}" for k, v in _optional_directives(s)]
+    srun = [f"--cpu-bind={_q(s.cpu_bind)}"]
+    if s.container_image:
+        srun.append(f"--container-image={_q(s.container_image)}")
+        if s.container_mounts:
+            srun.append(f"--container-mounts={_q(s.container_mounts)}")
+    srun += [_q(a) for a in s.srun_args]
+    env = dict(s.env)
+    env.update(job.extra_env)
+    values = {
+        "JOB_NAME": _q(s.job_name),
+        "NODES": str(s.nodes),
+        "TASKS_PER_NODE": str(job.tasks_per_node),
+        "CPUS_PER_TASK": str(s.cpus_per_task),
+        "GPU_DIRECTIVE": f"#SBATCH --gpus-per-node={s.gpus_per_node}\n" if s.gpus_per_node else "",
+        "TIME": _q(s.time),
+        "GRACE": str(s.signal_grace_s),
+        "REQUEUE_DIRECTIVE": "requeue" if job.requeue else "no-requeue",
+        "WORKDIR": _q(job.workdir),
+        "LOG": _q(_directive_path(_log_path(job.run_dir))),
+        "OPTIONAL_DIRECTIVES": "".join(line + "\n" for line in optional),
+        "RUN_DIR": _q(job.run_dir),
+        "CONFIG": _q(job.config_file),
+        "PYTHON": _q(job.python),
+        "MAX_RESTARTS": str(s.max_restarts),
+        "REQUEUE": "1" if job.requeue else "0",
+        "LAUNCH": s.launch,
+        "SRUN_FLAGS": " ".join(srun),
+        "ENV_EXPORTS": "\n".join(f"export {k}={_q(v)}" for k, v in sorted(env.items())),
+    }
+    text = TEMPLATE.read_text()
+    for key, value in values.items():
+        text = text.replace(f"@@{key}@@", value)
+    if "@@" in text.replace("USR1@@", ""):
+        raise ShardforgeError(f"template {TEMPLATE} has a placeholder this version does not fill")
+    return re.sub(r"\n{3,}", "\n\n", text)
+
+
+def _optional_directives(s: SlurmConfig) -> list[tuple[str, str]]:
+    pairs = [("partition", s.partition), ("account", s.account), ("qos", s.qos), ("constraint", s.constraint)]
+    out = [(k, v) for k, v in pairs if v]
+    if s.exclusive:
+        out.append(("exclusive", "user"))
+    return out
+
+
+def prepare_job(cfg: RunConfig, requeue: bool = True) -> SlurmJob:
+    """Validate ``cfg`` for Slurm, freeze it into RUN_DIR/slurm/config.yaml and describe the job."""
+    world = cfg.parallel.nproc
+    check_slurm_config(cfg.slurm, world)
+    run_dir = Path(cfg.run_dir).absolute()
+    _check_text("run_dir", str(run_dir))
+    frozen = run_dir / "slurm" / "config.yaml"
+    job = SlurmJob(cfg.slurm, run_dir, frozen, Path.cwd(), world, requeue=requeue)
+    _check_text("python", job.python)
+    return job
+
+
+def freeze_config(cfg: RunConfig, job: SlurmJob) -> None:
+    from data_pipeline.manifest import write_text_atomic
+
+    job.config_file.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(job.config_file, cfg.to_yaml())
+
+
+def sbatch(script: Path, dependency: str | None = None) -> str:
+    """Submit ``script``; return the job id. No shell is involved: arguments go to sbatch as a list."""
+    cmd = ["sbatch", "--parsable"] + ([f"--dependency={dependency}"] if dependency else []) + [str(script)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise ShardforgeError(
+            "sbatch not found: this machine is not a Slurm login node",
+            fix="run on a login node, or start slurm/local-cluster.sh up and export SLURM_CONF",
+        ) from None
+    if r.returncode != 0:
+        raise ShardforgeError(f"sbatch refused {script}: {r.stderr.strip()}", fix="check the config's slurm section")
+    return r.stdout.strip().split(";")[0]
+
+
+def submit(cfg: RunConfig, chain: int = 1) -> tuple[Path, list[str]]:
+    """Write the script into RUN_DIR/slurm/ and submit it (``chain`` > 1: that many afterany-dependent jobs)."""
+    from data_pipeline.manifest import write_text_atomic
+
+    job = prepare_job(cfg, requeue=chain <= 1)
+    freeze_config(cfg, job)
+    script = job.run_dir / "slurm" / "train.sbatch"
+    write_text_atomic(script, render(job))
+    (job.run_dir / "slurm" / "DONE").unlink(missing_ok=True)
+    ids: list[str] = []
+    for _ in range(chain):
+        ids.append(sbatch(script, f"afterany:{ids[-1]}" if ids else None))
+        with open(job.run_dir / "slurm" / "jobs.txt", "a") as f:
+            f.write(ids[-1] + "\n")
+    return script, ids
+
+
+_STEP_LINE = re.compile(r"step\s+(\d+)/(\d+) \| loss ([0-9.naninf]+)")
+
+
+def _squeue(ids: list[str]) -> dict[str, tuple[str, str]]:
+    """Live jobs among ``ids``: id -> (state, reason). Empty when squeue is missing or knows none of them."""
+    if not ids:
+        return {}
+    try:
+        r = subprocess.run(
+            ["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i|%T|%r"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return {}
+    rows = [line.split("|") for line in r.stdout.splitlines() if line.count("|") == 2]
+    return {i: (state, reason) for i, state, reason in rows}
+
+
+def _history(run_dir: Path) -> list[list[str]]:
+    path = run_dir / "slurm" / "history.tsv"
+    if not path.is_file():
+        return []
+    return [line.split("\t", 3) for line in path.read_text().splitlines() if line.count("\t") >= 3]
+
+
+def last_step(run_dir: Path) -> tuple[int, int, float] | None:
+    """(step, max_steps, loss) from the last progress line of the run's Slurm logs."""
+    found = None
+    for log in sorted((run_dir / "slurm").glob("*.out"), key=lambda p: p.stat().st_mtime):
+        for m in _STEP_LINE.finditer(log.read_text(errors="replace")):
+            found = (int(m.group(1)), int(m.group(2)), float(m.group(3)))
+    return found
+
+
+def status(run_dir: str | Path) -> str:
+    """A table of the run's jobs (state, restarts, last event) and its last logged step and loss."""
+    run_dir = Path(run_dir).absolute()
+    jobs_file = run_dir / "slurm" / "jobs.txt"
+    if not jobs_file.is_file():
+        raise ShardforgeError(
+            f"{jobs_file} not found: no job was submitted for this run",
+            fix="submit with `shardforge slurm submit -c FILE`, or pass the run directory",
+        )
+    ids = jobs_file.read_text().split()
+    live = _squeue(ids)
+    events: dict[str, list[list[str]]] = {}
+    for row in _history(run_dir):
+        events.setdefault(row[1], []).append(row)
+    lines = [f"run {run_dir}", f"{'job':>8}  {'state':<12}{'restarts':>9}  last event"]
+    for i in ids:
+        ev = events.get(i, [])
+        restarts = max((int(e[2]) for e in ev), default=0)
+        last = f"{ev[-1][0]} {ev[-1][3]}" if ev else "-"
+        if i in live:
+            state, reason = live[i]
+            state = state if reason in ("None", "") else f"{state} ({reason})"
+        else:
+            state = _final_state(ev)
+        lines.append(f"{i:>8}  {state:<12}{restarts:>9}  {last}")
+    step = last_step(run_dir)
+    lines.append(f"last step {step[0]}/{step[1]}, loss {step[2]:.4f}" if step else "no training step logged yet")
+    if (run_dir / "slurm" / "DONE").exists():
+        lines.append("training finished")
+    return "\n".join(lines)
+
+
+def _final_state(events: list[list[str]]) -> str:
+    if not events:
+        return "UNKNOWN"
+    last = events[-1][3]
+    if last.startswith(("finished", "skipped")):
+        return "COMPLETED"
+    if last.startswith("checkpointed: chain"):
+        return "CHECKPOINTED"
+    if last == "started" or last.startswith("started") or last == "requeued":
+        return "ENDED"  # gone from squeue without a final record: killed (e.g. past the time limit)
+    return "FAILED"

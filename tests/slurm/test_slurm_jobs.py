@@ -1,0 +1,118 @@
+"""Training through a real Slurm: submit, preemption and time limit with requeue, chains, failures, quoting."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import REPO, TRAIN_ENV, final_weights, layout_args, train_command
+from slurm_helpers import scontrol_job, wait_for
+
+from launcher.slurm import last_step
+
+
+def env() -> dict:
+    return {**os.environ, **TRAIN_ENV}  # at call time: the cluster fixture sets SLURM_CONF
+
+
+STEPS = 400
+COMMON = [
+    f"train.max_steps={STEPS}",
+    f"train.eval_interval={STEPS}",
+    "checkpoint.interval=100000",
+    "logging.log_interval=10",
+    *layout_args(dp=2, zero=1),
+]
+SLURM = ["slurm.cpus_per_task=1", "slurm.cpu_bind=none", "slurm.signal_grace_s=55"]
+
+
+def submit(run: Path, prepared: Path, *extra: str, flags=("--nodes", "2", "--time", "10")) -> list[str]:
+    cmd = [sys.executable, "-m", "launcher.cli", "slurm", "submit", "-c", "configs/tiny.yaml", f"run_dir={run}"]
+    cmd += [f"data.output_dir={prepared}", *COMMON, *SLURM, *extra, *flags]
+    r = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [line.split()[-1] for line in r.stdout.splitlines() if line.startswith("submitted batch job")]
+
+
+def history(run: Path) -> list[tuple[str, str]]:
+    path = run / "slurm" / "history.tsv"
+    rows = [line.split("\t") for line in path.read_text().splitlines()] if path.exists() else []
+    return [(r[2], r[3].split(" on ")[0]) for r in rows]
+
+
+def held_after_requeue(job: str, restarts: int) -> bool:
+    info = scontrol_job(job)
+    return info.get("JobState") == "PENDING" and info.get("Restarts") == str(restarts)
+
+
+def release(job: str, minutes: int) -> None:
+    """What an operator does: skip Slurm's ~2 min hold of a requeued job, and set its time limit."""
+    subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={minutes}", "StartTime=now"], check=True)
+
+
+def test_preemption_and_time_limit_requeue_and_match_an_uninterrupted_run(slurm_cluster, prepared, tmp_path):
+    """2 emulated nodes x 1 task. USR1 mid-run -> checkpoint, exit 75, requeue; then a 1-minute time limit
+    (USR1 55 s before it) -> the same; the third start finishes. Job name and run directory are hostile."""
+    reference = tmp_path / "reference"
+    ref = subprocess.Popen(train_command(reference, prepared, *COMMON), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    pwned = tmp_path / "pwned"
+    name = f'tiny\'; touch {pwned}; echo "$(touch {pwned})" `touch {pwned}` #'
+    run = tmp_path / f"run with spaces $(touch {pwned.name}) `x`"
+    [job] = submit(run, prepared, flags=("--nodes", "2", "--time", "10", "--job-name", name))
+    assert scontrol_job(job)["JobName"] == name.split()[0]  # scontrol -o splits on spaces; squeue shows it whole
+    shown = subprocess.run(["squeue", "-h", "-j", job, "-o", "%j"], capture_output=True, text=True).stdout.strip()
+    assert shown == name
+
+    wait_for(lambda: (last_step(run) or (0,))[0] >= 30, "step 30 in the job log", timeout=180)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    wait_for(lambda: held_after_requeue(job, 1), "the requeue after USR1", timeout=120)
+    release(job, minutes=1)  # USR1 comes 55 s before the limit: during this start
+    wait_for(lambda: held_after_requeue(job, 2), "the requeue before the time limit", timeout=180)
+    release(job, minutes=10)
+    wait_for(lambda: (run / "slurm" / "DONE").exists(), "the third start to finish", timeout=300)
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
+
+    assert history(run) == [
+        ("0", "started"), ("0", "requeued"), ("1", "started"), ("1", "requeued"), ("2", "started"), ("2", "finished")
+    ]  # fmt: skip
+    log = "".join(p.read_text() for p in (run / "slurm").glob("train-*.out"))
+    assert "(restart 1 of at most 10)" in log and "(restart 2 of at most 10)" in log
+    assert log.count("preempted by a signal") == 2
+    result = json.loads((run / "train_result.json").read_text())
+    assert result["steps"] == STEPS and result["start_step"] > 30 and result["resumed_from"]
+    a, b = final_weights(run), final_weights(reference)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise, after two requeues
+    assert not pwned.exists() and not (REPO / pwned.name).exists()
+
+    status = subprocess.run([sys.executable, "-m", "launcher.cli", "slurm", "status", str(run)], cwd=REPO,
+                            capture_output=True, text=True).stdout  # fmt: skip
+    assert re.search(rf"^\s*{job}\s+COMPLETED\s+2\s", status, re.M) and f"last step {STEPS}/{STEPS}" in status
+
+
+def test_chain_of_dependent_jobs_instead_of_requeue(slurm_cluster, prepared, tmp_path):
+    """--chain 2: the first job stops at train.exit_interval (exit 75, no requeue), the second resumes."""
+    run = tmp_path / "chain"
+    first, second = submit(run, prepared, "train.max_steps=40", "train.exit_interval=20", "--chain", "2")
+    assert scontrol_job(second)["Dependency"].startswith(f"afterany:{first}")
+    wait_for(lambda: (run / "slurm" / "DONE").exists(), "the chain to finish", timeout=300)
+    assert history(run) == [("0", "started"), ("0", "checkpointed: chain continues"), ("0", "started"),
+                            ("0", "finished")]  # fmt: skip
+    result = json.loads((run / "train_result.json").read_text())
+    assert result["start_step"] == 20 and result["steps"] == 40
+    assert "--no-requeue" in (run / "slurm" / "train.sbatch").read_text()
+
+
+def test_a_failing_job_is_not_requeued(slurm_cluster, prepared, tmp_path):
+    run = tmp_path / "fails"
+    [job] = submit(run, prepared, "data.seq_length=32")  # the shards hold 64: a user error, exit 2
+    wait_for(lambda: history(run)[-1:] == [("0", "failed: exit 2")], "the failure record", timeout=120)
+    wait_for(lambda: scontrol_job(job).get("JobState") == "FAILED", "state FAILED", timeout=60)
+    assert scontrol_job(job)["Restarts"] == "0"
+    log = "".join(p.read_text() for p in (run / "slurm").glob("train-*.out"))
+    assert "not requeued" in log and "data.seq_length=32" in log
