@@ -128,6 +128,10 @@ class ModelConfig(Section):
     attention: Literal["sdpa", "megatron"] = "sdpa"
     """Core attention: torch's fused scaled_dot_product_attention, or megatron-core's local one."""
     dropout: float = Field(0.0, ge=0, lt=1)
+    norm_eps: float = Field(1e-5, gt=0)
+    """Epsilon of every RMSNorm/LayerNorm."""
+    rope_base: float = Field(10000.0, gt=0)
+    """RoPE base frequency (Hugging Face's rope_theta)."""
     init_std: float = Field(0.02, gt=0)
     init_from: str | None = None
     """``hf:DIR`` to start from a local Hugging Face checkpoint directory."""

@@ -46,22 +46,28 @@ def inspect(path: str | Path) -> str:
     return "\n".join(lines)
 
 
-def consolidate(path: str | Path, out: str | Path) -> Path:
+def full_weights(path: str | Path) -> tuple[dict, dict, int]:
+    """A verified checkpoint's full fp32 weights (layer-list names), its run config (a dict) and its step."""
     p = resolve(path)
     problems = verify_checkpoint(p)
     if problems:
-        raise IntegrityError(f"checkpoint {p} does not verify: {problems[0]}")
+        raise IntegrityError(f"checkpoint {p} does not verify: {problems[0]}", fix="use another step_N folder")
     trainer = json.loads((p / "trainer.json").read_text())
     cfg, lay = trainer["config"], trainer["layout"]
     gated = cfg["model"]["activation"] == "swiglu"
     reader = CanonicalReader(p / "model", lay["tp"])
     tensors = {k.split("/", 1)[1]: reader.full(k, gated) for k in sorted(reader.files) if k.startswith("param/")}
+    return tensors, cfg, trainer["trainer"]["step"]
+
+
+def consolidate(path: str | Path, out: str | Path) -> Path:
+    tensors, cfg, step = full_weights(path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(
         {k: v.contiguous() for k, v in tensors.items()},
         str(out / "model.safetensors"),
-        metadata={"step": str(trainer["trainer"]["step"]), "format": "shardforge-consolidated/1"},
+        metadata={"step": str(step), "format": "shardforge-consolidated/1"},
     )
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     return out

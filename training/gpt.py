@@ -47,6 +47,7 @@ def transformer_config(
         gated_linear_unit=m.activation == "swiglu",
         activation_func=F.silu if m.activation == "swiglu" else F.gelu,
         add_bias_linear=False,
+        layernorm_epsilon=m.norm_eps,
         hidden_dropout=m.dropout,
         attention_dropout=m.dropout,
         init_method_std=m.init_std,
@@ -139,7 +140,9 @@ class DecoderLayer(nn.Module):
             from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
             on_cpu = not torch.cuda.is_available()
-            self.rope = RotaryEmbedding(config.kv_channels, rotary_percent=1.0, use_cpu_initialization=on_cpu)
+            self.rope = RotaryEmbedding(
+                config.kv_channels, rotary_percent=1.0, rotary_base=m.rope_base, use_cpu_initialization=on_cpu
+            )
         self.recompute_full = recompute_full
         self._rope_cache: tuple[int, torch.Tensor] | None = None
 

@@ -47,6 +47,26 @@ def init_parameters(
     return n
 
 
+@torch.no_grad()
+def load_full_parameters(model: nn.Module, full: dict[str, torch.Tensor], tp: int = 1, tp_rank: int = 0,
+                         gated: bool = False) -> int:  # fmt: skip
+    """Fill every parameter of ``model`` from full (unsharded) tensors by name, cut to this TP rank's slice."""
+    from launcher.errors import ConfigError
+
+    n = 0
+    for name, p in model.named_parameters():
+        if name not in full:
+            raise ConfigError(f"the initial weights lack '{name}'", fix="check model.init_from against model.*")
+        value = full[name]
+        if value.shape != full_shape(name, p.shape, tp, gated):
+            raise ConfigError(f"initial weight '{name}' has shape {tuple(value.shape)}, the model needs "
+                              f"{tuple(full_shape(name, p.shape, tp, gated))}")  # fmt: skip
+        p.copy_(shard(name, value, tp, tp_rank, gated).to(p.dtype))
+        mark_tensor_parallel(name, p, gated)
+        n += 1
+    return n
+
+
 def mark_tensor_parallel(name: str, p: torch.Tensor, gated: bool) -> None:
     """Tag TP-split parameters the way megatron does when it initializes them itself: gradient-norm code
     (megatron's and DeepSpeed's) counts untagged parameters once per TP group, tagged ones on every rank."""

@@ -8,7 +8,7 @@ from launcher.config import RunConfig
 from parallelism.engine import ModelParts
 from parallelism.layout import Layout
 from training import gpt, rnn
-from training.init import init_parameters
+from training.init import init_parameters, load_full_parameters
 
 
 def model_parts(cfg: RunConfig, vocab_size: int) -> ModelParts:
@@ -34,9 +34,15 @@ def model_parts(cfg: RunConfig, vocab_size: int) -> ModelParts:
         def build() -> nn.Module:
             return nn.Sequential(*[cls(*args) for cls, args in specs])
 
+    gated = m.activation == "swiglu"
+
     def init_weights(model: nn.Module, layout: Layout) -> None:
-        init_parameters(
-            model, m.init_std, m.num_layers, cfg.train.seed, layout.tp, layout.tp_rank, gated=m.activation == "swiglu"
-        )
+        if m.init_from:  # transfer learning: start from a local Hugging Face checkpoint, at any layout
+            from training.hf import load_init_weights
+
+            full = load_init_weights(m.init_from, m, vocab_size)
+            load_full_parameters(model, full, layout.tp, layout.tp_rank, gated)
+            return
+        init_parameters(model, m.init_std, m.num_layers, cfg.train.seed, layout.tp, layout.tp_rank, gated=gated)
 
     return ModelParts(specs=specs, loss_fn=loss_fn, build_sequential=build, init_weights=init_weights)

@@ -1,0 +1,210 @@
+"""Hugging Face Llama format <-> Shardforge's full weights (the layer-list names of ``training.gpt``).
+
+Shardforge's GPT with RMSNorm, SwiGLU, RoPE and no biases is a Llama. megatron-core keeps q, k and v in one matrix,
+grouped per key/value head: for each of ``g`` groups, ``heads/g`` query heads, then one key and one value head
+(``linear_qkv``: [g * (heads/g + 2) * d, H]); its SwiGLU input is [gate; up] stacked (``linear_fc1``). Both use the
+same rotate-half RoPE as Hugging Face's Llama, so no permutation of q/k rows is needed. The vocabulary is padded to
+a multiple of 128 inside Shardforge; the padding rows are dropped on export and zero-filled on import.
+
+Only safetensors files are read (no pickle): a folder with only ``pytorch_model.bin`` is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from launcher.config import ModelConfig
+from launcher.errors import ConfigError, IntegrityError
+from training.gpt import ffn_size, padded_vocab
+
+
+def _sizes(m: ModelConfig) -> tuple[int, int, int]:
+    heads = m.num_attention_heads
+    groups = m.num_query_groups or heads
+    return heads, groups, m.hidden_size // heads
+
+
+def split_qkv(w: torch.Tensor, m: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    heads, groups, d = _sizes(m)
+    per = heads // groups
+    w = w.view(groups, (per + 2) * d, -1)
+    q, k, v = w[:, : per * d], w[:, per * d : (per + 1) * d], w[:, (per + 1) * d :]
+    return q.reshape(heads * d, -1), k.reshape(groups * d, -1), v.reshape(groups * d, -1)
+
+
+def join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: ModelConfig) -> torch.Tensor:
+    heads, groups, d = _sizes(m)
+    per = heads // groups
+    hidden = q.shape[-1]
+    parts = [q.view(groups, per * d, hidden), k.view(groups, d, hidden), v.view(groups, d, hidden)]
+    return torch.cat(parts, dim=1).reshape(-1, hidden)
+
+
+def _layer_pairs(m: ModelConfig) -> list[tuple[str, str]]:
+    """(Hugging Face name, Shardforge name) for the tensors that map one to one."""
+    pairs = [("model.embed_tokens.weight", "0.embedding.word_embeddings.weight")]
+    for i in range(m.num_layers):
+        hf, sf = f"model.layers.{i}.", f"{i + 1}.layer."
+        pairs += [
+            (hf + "input_layernorm.weight", sf + "input_layernorm.weight"),
+            (hf + "self_attn.o_proj.weight", sf + "self_attention.linear_proj.weight"),
+            (hf + "post_attention_layernorm.weight", sf + "pre_mlp_layernorm.weight"),
+            (hf + "mlp.down_proj.weight", sf + "mlp.linear_fc2.weight"),
+        ]
+    pairs.append(("model.norm.weight", f"{m.num_layers + 1}.final_layernorm.weight"))
+    return pairs
+
+
+def check_llama_style(m: ModelConfig) -> None:
+    wrong = [
+        (k, v, want)
+        for k, v, want in [
+            ("model.arch", m.arch, "gpt"),
+            ("model.normalization", m.normalization, "RMSNorm"),
+            ("model.activation", m.activation, "swiglu"),
+            ("model.position_embedding", m.position_embedding, "rope"),
+        ]
+        if v != want
+    ]
+    if wrong:
+        k, v, want = wrong[0]
+        raise ConfigError(f"{k}={v}: the Hugging Face Llama format needs {k}={want}", fix="export a Llama-style model")
+
+
+def to_llama(tensors: dict[str, torch.Tensor], m: ModelConfig, vocab: int) -> dict[str, torch.Tensor]:
+    """Shardforge full weights -> Hugging Face ``LlamaForCausalLM`` state dict (fp32)."""
+    check_llama_style(m)
+    out = {hf: tensors[sf] for hf, sf in _layer_pairs(m)}
+    out["model.embed_tokens.weight"] = out["model.embed_tokens.weight"][:vocab]
+    for i in range(m.num_layers):
+        hf, sf = f"model.layers.{i}.", f"{i + 1}.layer."
+        q, k, v = split_qkv(tensors[sf + "self_attention.linear_qkv.weight"], m)
+        out.update({hf + "self_attn.q_proj.weight": q, hf + "self_attn.k_proj.weight": k})
+        out[hf + "self_attn.v_proj.weight"] = v
+        gate, up = tensors[sf + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        out.update({hf + "mlp.gate_proj.weight": gate, hf + "mlp.up_proj.weight": up})
+    if not m.tie_embeddings:
+        out["lm_head.weight"] = tensors[f"{m.num_layers + 2}.output_layer.weight"][:vocab]
+    return {k: v.contiguous().float() for k, v in out.items()}
+
+
+def llama_config(m: ModelConfig, vocab: int, seq_length: int, bos: int, eos: int, pad: int) -> dict:
+    heads, groups, d = _sizes(m)
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": m.hidden_size,
+        "intermediate_size": ffn_size(m),
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": groups,
+        "head_dim": d,
+        "hidden_act": "silu",
+        "max_position_embeddings": seq_length,
+        "rms_norm_eps": m.norm_eps,
+        "rope_theta": m.rope_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_base},
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": m.tie_embeddings,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        "torch_dtype": "float32",
+    }
+
+
+# ---- import -------------------------------------------------------------------------------------------------------
+
+
+def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """config.json and every safetensors tensor of a local Hugging Face checkpoint folder."""
+    from safetensors.torch import load_file
+
+    d = Path(path)
+    if not (d / "config.json").is_file():
+        raise ConfigError(f"model.init_from: '{d}' has no config.json", fix="give a local Hugging Face model folder")
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        what = (
+            "only pickle weights (pytorch_model.bin), which are not loaded"
+            if (d / "pytorch_model.bin").exists()
+            else "no weights"
+        )
+        raise ConfigError(f"model.init_from: '{d}' holds {what}", fix="save the model with safe_serialization=True")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            tensors.update(load_file(str(f)))
+        except Exception as e:  # a truncated or corrupt file
+            raise IntegrityError(f"{f} is not a readable safetensors file: {e}") from None
+    return json.loads((d / "config.json").read_text()), tensors
+
+
+def check_matches(hf: dict, m: ModelConfig, vocab: int, source: str) -> None:
+    """Refuse a Hugging Face config that differs from ``model`` (and the data's vocabulary), naming the key."""
+    check_llama_style(m)
+    if hf.get("model_type") != "llama":
+        raise ConfigError(f"{source}: model_type={hf.get('model_type')!r}; only Llama-style models are imported")
+    theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
+    heads, groups, _ = _sizes(m)
+    checks = [
+        ("hidden_size", hf.get("hidden_size"), m.hidden_size, "model.hidden_size"),
+        ("num_hidden_layers", hf.get("num_hidden_layers"), m.num_layers, "model.num_layers"),
+        ("num_attention_heads", hf.get("num_attention_heads"), heads, "model.num_attention_heads"),
+        ("num_key_value_heads", hf.get("num_key_value_heads", heads), groups, "model.num_query_groups"),
+        ("intermediate_size", hf.get("intermediate_size"), ffn_size(m), "model.ffn_hidden_size"),
+        ("rms_norm_eps", hf.get("rms_norm_eps"), m.norm_eps, "model.norm_eps"),
+        ("rope_theta", theta, m.rope_base, "model.rope_base"),
+        ("tie_word_embeddings", bool(hf.get("tie_word_embeddings", False)), m.tie_embeddings, "model.tie_embeddings"),
+        ("vocab_size", hf.get("vocab_size"), vocab, "the dataset's tokenizer vocabulary"),
+    ]
+    for key, theirs, ours, where in checks:
+        if theirs != ours:
+            raise ConfigError(
+                f"{source}: config.json has {key}={theirs} but {where} is {ours}",
+                fix=f"set {where}={theirs}"
+                if where.startswith("model.")
+                else "prepare the data with that model's tokenizer",
+            )
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ConfigError(f"{source}: the model has biases, which Shardforge's GPT does not")
+
+
+def from_llama(hf: dict[str, torch.Tensor], m: ModelConfig, vocab: int) -> dict[str, torch.Tensor]:
+    """Hugging Face Llama state dict -> Shardforge full weights (vocabulary padded with zero rows)."""
+    missing = [k for k, _ in _layer_pairs(m) if k not in hf]
+    if missing:
+        raise ConfigError(f"the Hugging Face checkpoint lacks {missing[0]} ({len(missing)} tensors missing)")
+    out = {sf: hf[k].float() for k, sf in _layer_pairs(m)}
+    for i in range(m.num_layers):
+        h, sf = f"model.layers.{i}.", f"{i + 1}.layer."
+        q, k, v = (hf[h + f"self_attn.{x}_proj.weight"].float() for x in "qkv")
+        out[sf + "self_attention.linear_qkv.weight"] = join_qkv(q, k, v, m)
+        gate, up = hf[h + "mlp.gate_proj.weight"].float(), hf[h + "mlp.up_proj.weight"].float()
+        out[sf + "mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)
+    padded = padded_vocab(vocab)
+
+    def pad(w: torch.Tensor) -> torch.Tensor:
+        return torch.cat([w, w.new_zeros(padded - w.shape[0], w.shape[1])]) if w.shape[0] < padded else w
+
+    out["0.embedding.word_embeddings.weight"] = pad(out["0.embedding.word_embeddings.weight"])
+    if not m.tie_embeddings:
+        out[f"{m.num_layers + 2}.output_layer.weight"] = pad(hf["lm_head.weight"].float())
+    return out
+
+
+def load_init_weights(spec: str, m: ModelConfig, vocab: int) -> dict[str, torch.Tensor]:
+    """``model.init_from``: ``hf:DIR`` -> full Shardforge weights, checked against the config."""
+    if not spec.startswith("hf:"):
+        raise ConfigError(f"model.init_from={spec!r} is not understood", fix="write hf:/path/to/hf_model_dir")
+    path = spec[3:]
+    if not Path(path).is_dir():
+        raise ConfigError(f"model.init_from: '{path}' does not exist", fix="give a local Hugging Face model folder")
+    hf_cfg, tensors = read_hf_dir(path)
+    check_matches(hf_cfg, m, vocab, f"{path}/config.json")
+    return from_llama(tensors, m, vocab)
