@@ -159,6 +159,73 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from training.evaluate import load_model, run_eval, summary
+
+    cfg = _load(args) if args.config else None
+    model = load_model(args.checkpoint, args.data or (cfg.data.output_dir if cfg else None))
+    run_dir = Path(cfg.run_dir if cfg else model.cfg.run_dir)
+    out = Path(args.out) if args.out else run_dir / "eval" / f"eval_step_{model.step:08d}.json"
+    tb = (cfg or model.cfg).logging.tensorboard_dir
+    result = run_eval(model, args.tasks, out, tb, args.split, args.max_samples)
+    print(summary(result, args.split))
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from training.decode import Sampling, generate, stream_text
+    from training.evaluate import load_model
+
+    model = load_model(args.checkpoint, args.data)
+    s = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    prompt = model.sp.encode(args.prompt)
+    print(args.prompt, end="", flush=True)
+    ids = generate(model.decoder, prompt, model.vocab, s, stop=model.sp.eos_id())
+    stream_text(ids, model.sp.decode, lambda t: print(t, end="", flush=True))
+    print()
+    return EXIT_OK
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from training.hf import export_hf
+
+    out = export_hf(args.checkpoint, args.out, args.data, args.overwrite)
+    print(f"wrote a Hugging Face Llama model to {out} (load it with transformers.AutoModelForCausalLM)")
+    return EXIT_OK
+
+
+def _add_model_parsers(sub) -> None:
+    p = sub.add_parser("eval", help="test-split loss, perplexity, bits per byte and multiple-choice tasks")
+    _add_config_args(p, required=False)
+    p.add_argument("--checkpoint", required=True, help="a step_N folder or a checkpoint root (its latest)")
+    p.add_argument("--data", help="dataset folder (default: the config's data.output_dir)")
+    p.add_argument("--tasks", nargs="*", default=[], help="multiple-choice JSONL files (context, choices, answer)")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples")
+    p.add_argument("--out", help="result JSON (default: RUN_DIR/eval/eval_step_N.json)")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("generate", help="sample text from a checkpoint (KV cache, streamed)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--data", help="dataset folder holding the tokenizer (default: the checkpoint's config)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+    exp = sub.add_parser("export", help="export a checkpoint to another format").add_subparsers(
+        dest="sub", metavar="FORMAT", required=True
+    )
+    p = exp.add_parser("hf", help="a Hugging Face Llama folder: config.json, safetensors, tokenizer")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", help="dataset folder holding the tokenizer (default: the checkpoint's config)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=cmd_export_hf)
+
+
 _SLURM_FLAGS = ("nodes", "gpus_per_node", "time", "partition", "account", "qos", "job_name", "launch")
 
 
@@ -285,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     _add_slurm_parsers(sub)
+    _add_model_parsers(sub)
 
     p = sub.add_parser("tensorboard", help="start TensorBoard on localhost for a run directory")
     p.add_argument("run_dir", help="run directory (or its tensorboard/ folder)")

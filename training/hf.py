@@ -208,3 +208,47 @@ def load_init_weights(spec: str, m: ModelConfig, vocab: int) -> dict[str, torch.
     hf_cfg, tensors = read_hf_dir(path)
     check_matches(hf_cfg, m, vocab, f"{path}/config.json")
     return from_llama(tensors, m, vocab)
+
+
+# ---- export -------------------------------------------------------------------------------------------------------
+
+
+def export_hf(checkpoint: str | Path, out: str | Path, data_dir: str | None = None, overwrite: bool = False) -> Path:
+    """Write a Hugging Face Llama folder (config.json, model.safetensors, the SentencePiece tokenizer) atomically."""
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from data_pipeline.loader import load_dataset_manifest
+    from launcher.config import validate_config
+    from training.consolidate import full_weights
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out '{out}' exists and is not empty", fix="choose another folder or pass --overwrite")
+    tensors, raw_cfg, step = full_weights(checkpoint)
+    cfg = validate_config(raw_cfg, f"{checkpoint}/trainer.json")
+    root = data_dir or cfg.data.output_dir
+    manifest = load_dataset_manifest(root)
+    tok = manifest["tokenizer"]
+    vocab = tok["vocab_size"]
+    state = to_llama(tensors, cfg.model, vocab)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "shardforge_step": str(step)})
+    config = llama_config(cfg.model, vocab, cfg.data.seq_length, tok["bos_id"], tok["eos_id"], tok["pad_id"])
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    gen = {"bos_token_id": tok["bos_id"], "eos_token_id": tok["eos_id"], "pad_token_id": tok["pad_id"]}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=1))
+    shutil.copyfile(Path(root) / tok["file"], tmp / "tokenizer.model")
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    tok_cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
+               "add_prefix_space": True, "legacy": True, "model_max_length": cfg.data.seq_length, **specials}  # fmt: skip
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=1))
+    (tmp / "special_tokens_map.json").write_text(json.dumps(specials, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

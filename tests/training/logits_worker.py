@@ -1,0 +1,39 @@
+"""Per-rank helper for tests: build the megatron-core GPT for a config (any TP, PP=1), run one batch, and have
+rank 0 save the full-vocabulary logits (B, T, V) to a .pt file. Run with torchrun or as one process."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from launcher.config import load_config
+from parallelism.layout import init_distributed, seed_all, shutdown
+from training.model import model_parts
+
+
+def main(config: str, vocab: int, tokens_file: str, out_file: str, *overrides: str) -> None:
+    cfg = load_config(config, list(overrides))
+    layout = init_distributed(cfg.parallel)
+    try:
+        seed_all(cfg.train.seed)
+        parts = model_parts(cfg, vocab)
+        model = parts.build_sequential()
+        parts.init_weights(model, layout)
+        model.eval()
+        tokens = torch.load(tokens_file, weights_only=True)
+        with torch.no_grad():
+            logits = model(tokens)  # [S, B, V/tp]
+        if layout.tp > 1:
+            parts_ = [torch.empty_like(logits) for _ in range(layout.tp)]
+            dist.all_gather(parts_, logits.contiguous(), group=layout.tp_group)
+            logits = torch.cat(parts_, dim=-1)
+        if layout.rank == 0:
+            torch.save(logits.transpose(0, 1).contiguous(), out_file)
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], *sys.argv[5:])
