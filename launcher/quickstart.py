@@ -2,7 +2,8 @@
 
 Prepares the data (or reuses it), trains on ``parallel.nproc`` local ranks, interrupts the run once with SIGTERM
 half-way (it checkpoints and exits with the requeue code), resumes it, then trains an uninterrupted copy and
-prints whether the resumed losses match. Everything lands under ``run_dir`` (runs/quickstart/).
+prints whether the resumed losses match; then evaluates the final checkpoint on the test split, generates a
+sample and exports a Hugging Face Llama folder. Everything lands under ``run_dir`` (runs/quickstart/).
 """
 
 from __future__ import annotations
@@ -78,7 +79,14 @@ def main() -> int:
         f"{diff:.1e} -> {'MATCH (bitwise)' if same else 'DIFFERENT'}"
     )
     print(f"final validation loss {second['val'][-1][1]:.4f}")
-    print(f"quickstart outputs: {run}/ (data, tokenizer, checkpoints, tensorboard, train_result.json)")
+    ckpt = str(cfg.checkpoint.dir)
+    print(">>> quickstart: evaluating the final checkpoint on the test split", flush=True)
+    shardforge("eval", "-c", CONFIG, "--checkpoint", ckpt)
+    print(">>> quickstart: a generated sample (greedy, KV cache)", flush=True)
+    shardforge("generate", "--checkpoint", ckpt, "--prompt", "def main(argv):\n", "--temperature", "0",
+               "--max-new-tokens", "48")  # fmt: skip
+    shardforge("export", "hf", "--checkpoint", ckpt, "--out", str(run / "hf"), "--overwrite")
+    print(f"quickstart outputs: {run}/ (data, tokenizer, checkpoints, tensorboard, eval/, hf/, train_result.json)")
     print(f"watch it: .venv/bin/shardforge tensorboard {run}")
     return 0 if same else 1
 
