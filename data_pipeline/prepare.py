@@ -142,6 +142,10 @@ def _pack_split(cfg: RunConfig, work: Path, split: str, tok: Tokenizer, vocab_si
 
 def prepare_dataset(cfg: RunConfig, overwrite: bool = False) -> PrepareResult:
     """Run the whole pipeline for ``cfg`` and return the manifest; reuse an identical finished dataset."""
+    if cfg.data.format == "sft":
+        from data_pipeline.sft import prepare_sft
+
+        return prepare_sft(cfg, overwrite)
     out = Path(cfg.data.output_dir)
     fingerprint = dataset_fingerprint(cfg)
     existing = _check_output_dir(out, fingerprint, overwrite)
@@ -173,7 +177,15 @@ def _build(cfg: RunConfig, work: Path, fingerprint: str) -> dict:
 
 
 def write_manifest(
-    cfg: RunConfig, work: Path, fingerprint: str, info: dict, splits: dict, ingest: dict, filter_report: dict
+    cfg: RunConfig,
+    work: Path,
+    fingerprint: str,
+    info: dict,
+    splits: dict,
+    ingest: dict,
+    filter_report: dict,
+    dtype: str | None = None,
+    kind: str = "text",
 ) -> dict:
     """Check the packed splits, keep only the per-split document digests, and write ``work/manifest.json``."""
     tok_file = work / TOKENIZER_FILE
@@ -195,7 +207,8 @@ def write_manifest(
         "fingerprint": fingerprint,
         "seq_length": cfg.data.seq_length,
         "sample_tokens": cfg.data.seq_length + 1,
-        "dtype": token_dtype(sp.get_piece_size()).name,
+        "dtype": dtype or token_dtype(sp.get_piece_size()).name,
+        "kind": kind,
         "tokenizer": {
             "file": TOKENIZER_FILE,
             "sha256": file_sha256(tok_file),

@@ -99,6 +99,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run_ranks("launcher.train", cfg, args.config, args.overrides)
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from launcher.finetune import check_finetune
+    from launcher.spawn import run_ranks
+
+    cfg = _load(args)
+    check_finetune(cfg)
+    return run_ranks("launcher.train", cfg, args.config, args.overrides)
+
+
 def cmd_tensorboard(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -325,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (spawns parallel.nproc local ranks through torchrun)")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="train from model.init_from (a checkpoint or a Hugging Face model)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_finetune)
 
     ck = sub.add_parser("checkpoint", help="inspect, verify and consolidate checkpoints").add_subparsers(
         dest="sub", metavar="SUBCOMMAND", required=True

@@ -68,6 +68,12 @@ class DataConfig(Section):
     """Worker processes that tokenize."""
     seed: int = 1234
     """Seed for tokenizer sampling."""
+    format: Literal["text", "sft"] = "text"
+    """text: raw documents (pretraining); sft: prompt/response JSONL, loss only on the response tokens."""
+    prompt_field: str = "prompt"
+    """sft: the JSONL field holding the prompt."""
+    response_field: str = "response"
+    """sft: the JSONL field holding the response."""
 
     @field_validator("split")
     @classmethod
@@ -134,7 +140,8 @@ class ModelConfig(Section):
     """RoPE base frequency (Hugging Face's rope_theta)."""
     init_std: float = Field(0.02, gt=0)
     init_from: str | None = None
-    """``hf:DIR`` to start from a local Hugging Face checkpoint directory."""
+    """Start from other weights: ``hf:DIR`` (a local Hugging Face Llama folder) or ``ckpt:DIR`` (a Shardforge
+    checkpoint, a step_N folder or a root; weights only: a fresh optimizer, schedule and step count)."""
 
     @model_validator(mode="after")
     def _heads(self) -> ModelConfig:

@@ -145,6 +145,10 @@ class Engine:
 class PlainEngine(Engine):
     """PP = 1: forward, ``engine.backward`` and ``engine.step`` per micro-batch (DeepSpeed accumulates)."""
 
+    def _forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, labels = inputs_and_labels(tokens)
+        return self.ds(inputs), labels
+
     def train_step(self, micro_batches: list[torch.Tensor]) -> float:
         """One optimizer step. A micro-batch whose loss is not finite on any rank turns the whole step into a
         skipped one: its backward uses a zero surrogate and the step runs with lr 0, so the weights are unchanged
@@ -155,7 +159,7 @@ class PlainEngine(Engine):
         skipped = False
         for i, tokens in enumerate(micro_batches):
             tokens = tokens.to(self.layout.device)
-            loss = self.loss_fn(self.ds(tokens[:, :-1]), tokens[:, 1:])
+            loss = self.loss_fn(*self._forward(tokens))
             skipped = skipped or (self.layout.zero_stage < 3 and not self._finite_everywhere(loss))
             self.ds.backward(self._zero_surrogate() if skipped else loss)
             if i == len(micro_batches) - 1:
@@ -207,8 +211,16 @@ class PlainEngine(Engine):
         total = torch.zeros(())
         for tokens in micro_batches:
             tokens = tokens.to(self.layout.device)
-            total += self.loss_fn(self.ds(tokens[:, :-1]), tokens[:, 1:]).float().cpu()
+            total += self.loss_fn(*self._forward(tokens)).float().cpu()
         return self._dp_mean(total / len(micro_batches))
+
+
+def inputs_and_labels(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples (B, S+1) -> inputs (B, S) and labels (B, S). Supervised fine-tuning data stores tokens that are
+    not trained on (the prompt) as ``-(id + 1)``: the model reads ``id``, and the loss skips negative labels."""
+    if bool((tokens < 0).any()):
+        return torch.where(tokens < 0, -tokens - 1, tokens)[:, :-1], tokens[:, 1:]
+    return tokens[:, :-1], tokens[:, 1:]
 
 
 class PipeEngine(Engine):
@@ -216,7 +228,7 @@ class PipeEngine(Engine):
 
     @staticmethod
     def _pairs(micro_batches):
-        return iter([(t[:, :-1], t[:, 1:]) for t in micro_batches])
+        return iter([inputs_and_labels(t) for t in micro_batches])
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> float:
         return float(self.ds.train_batch(data_iter=self._pairs(micro_batches)))

@@ -206,7 +206,12 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     first if they are needed afterwards."""
     from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 
-    return vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous()).mean()
+    labels = labels.transpose(0, 1).contiguous()
+    if not bool((labels < 0).any()):
+        return vocab_parallel_cross_entropy(logits.float(), labels).mean()
+    keep = labels >= 0  # negative labels: prompt tokens of fine-tuning data, not trained on
+    per_token = vocab_parallel_cross_entropy(logits.float(), labels.clamp(min=0))
+    return (per_token * keep).sum() / keep.sum().clamp(min=1)
 
 
 def gpt_layer_specs(

@@ -201,7 +201,7 @@ def from_llama(hf: dict[str, torch.Tensor], m: ModelConfig, vocab: int) -> dict[
 def load_init_weights(spec: str, m: ModelConfig, vocab: int) -> dict[str, torch.Tensor]:
     """``model.init_from``: ``hf:DIR`` -> full Shardforge weights, checked against the config."""
     if not spec.startswith("hf:"):
-        raise ConfigError(f"model.init_from={spec!r} is not understood", fix="write hf:/path/to/hf_model_dir")
+        raise ConfigError(f"model.init_from={spec!r} is not understood", fix="write hf:DIR or ckpt:DIR")
     path = spec[3:]
     if not Path(path).is_dir():
         raise ConfigError(f"model.init_from: '{path}' does not exist", fix="give a local Hugging Face model folder")
@@ -245,7 +245,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, data_dir: str | None = No
     shutil.copyfile(Path(root) / tok["file"], tmp / "tokenizer.model")
     specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
     tok_cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
-               "add_prefix_space": True, "legacy": True, "model_max_length": cfg.data.seq_length, **specials}  # fmt: skip
+               "add_prefix_space": True, "legacy": True, "model_max_length": cfg.data.seq_length}  # fmt: skip
+    tok_cfg.update(specials)
     (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=1))
     (tmp / "special_tokens_map.json").write_text(json.dumps(specials, indent=1))
     if out.exists():

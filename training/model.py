@@ -37,12 +37,21 @@ def model_parts(cfg: RunConfig, vocab_size: int) -> ModelParts:
     gated = m.activation == "swiglu"
 
     def init_weights(model: nn.Module, layout: Layout) -> None:
-        if m.init_from:  # transfer learning: start from a local Hugging Face checkpoint, at any layout
-            from training.hf import load_init_weights
-
-            full = load_init_weights(m.init_from, m, vocab_size)
-            load_full_parameters(model, full, layout.tp, layout.tp_rank, gated)
+        if m.init_from:  # fine-tuning / transfer: start from a checkpoint or a Hugging Face model, at any layout
+            load_full_parameters(model, initial_weights(m.init_from, m, vocab_size), layout.tp, layout.tp_rank, gated)
             return
         init_parameters(model, m.init_std, m.num_layers, cfg.train.seed, layout.tp, layout.tp_rank, gated=gated)
 
     return ModelParts(specs=specs, loss_fn=loss_fn, build_sequential=build, init_weights=init_weights)
+
+
+def initial_weights(spec: str, m, vocab_size: int) -> dict:
+    """``model.init_from``: ``ckpt:DIR`` (a Shardforge checkpoint, any layout; weights only) or ``hf:DIR``."""
+    if spec.startswith("ckpt:"):
+        from training.consolidate import full_weights
+
+        tensors, _, _ = full_weights(spec[len("ckpt:") :])
+        return tensors  # shapes are checked tensor by tensor when they are loaded
+    from training.hf import load_init_weights
+
+    return load_init_weights(spec, m, vocab_size)

@@ -53,7 +53,9 @@ class RNNHead(nn.Module):
 
 def rnn_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy; logits [S, B, V], labels (B, S)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.transpose(0, 1).reshape(-1))
+    flat = labels.transpose(0, 1).reshape(-1)
+    flat = torch.where(flat < 0, -100, flat)  # negative labels (prompt tokens of fine-tuning data) are not trained
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), flat, ignore_index=-100)
 
 
 def rnn_layer_specs(m: ModelConfig, vocab_size: int) -> list[tuple[type, tuple]]:

@@ -1,0 +1,95 @@
+"""Fine-tuning: weights from a checkpoint, supervised fine-tuning with the loss on response tokens only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, TRAIN_ENV, shardforge_train, small_config, stdlib_files
+
+from data_pipeline.loader import SampleStream
+from data_pipeline.prepare import prepare_dataset
+
+
+@pytest.fixture(scope="module")
+def base(prepared, tmp_path_factory):
+    run = tmp_path_factory.mktemp("base") / "run"
+    r, _ = shardforge_train(run, prepared, "train.max_steps=30", "train.eval_interval=30")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def sft_data(prepared, tmp_path_factory):
+    """Prompt/response pairs cut from real source files, tokenized with the base model's tokenizer."""
+    tmp = tmp_path_factory.mktemp("sft")
+    lines = []
+    for f in stdlib_files(80)[40:]:
+        text = f.read_text()
+        lines.append({"prompt": "# continue this file\n" + text[:150], "response": text[150:400]})
+    (tmp / "pairs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cfg = small_config(tmp, [str(tmp / "pairs.jsonl")], data={"format": "sft", "split": [0.8, 0.2, 0.0]},
+                       tokenizer={"model_file": str(prepared / "tokenizer" / "tokenizer.model")})  # fmt: skip
+    return prepare_dataset(cfg).output_dir, lines
+
+
+def _decoder(run):
+    from training.evaluate import load_model
+
+    return load_model(run / "checkpoints").decoder
+
+
+def _losses(decoder, samples: np.ndarray) -> tuple[float, float]:
+    """(mean loss over response tokens, mean loss over all tokens) of ``samples`` under ``decoder``."""
+    t = torch.from_numpy(samples.astype(np.int64))
+    inputs, labels = torch.where(t < 0, -t - 1, t)[:, :-1], t[:, 1:]
+    logits, _ = decoder(inputs)
+    nats = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.abs() - (labels < 0).long(),
+                                             reduction="none")  # fmt: skip
+    keep = labels >= 0
+    return float((nats * keep).sum() / keep.sum()), float(nats.mean())
+
+
+def test_sft_data_marks_exactly_the_prompt_tokens(sft_data, prepared):
+    from data_pipeline.tokenizer import load_tokenizer
+
+    root, lines = sft_data
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["kind"] == "sft" and manifest["dtype"] == "int32"
+    sp = load_tokenizer(prepared / "tokenizer" / "tokenizer.model")
+    stream = [SampleStream(root, s, shuffle=False) for s in ("train", "validation")]
+    tokens = np.concatenate([np.concatenate(s.read(0, s.epoch_size))[:-1] for s in stream])
+    assert (tokens < 0).sum() <= sum(len(sp.encode(x["prompt"])) for x in lines)
+    assert (tokens < 0).sum() > 0.3 * sum(len(sp.encode(x["prompt"])) for x in lines)
+    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["validation"]["documents"] == len(lines)
+
+
+def test_sft_trains_only_on_responses_and_lowers_their_loss(base, sft_data, tmp_path):
+    root, _ = sft_data
+    run = tmp_path / "sft"
+    cmd = [sys.executable, "-m", "launcher.cli", "finetune", "-c", "configs/tiny.yaml", f"run_dir={run}",
+           f"data.output_dir={root}", f"model.init_from=ckpt:{base}/checkpoints", "train.max_steps=25",
+           "train.eval_interval=25", "optim.lr=0.001", "optim.warmup_steps=0"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, env={**__import__("os").environ, **TRAIN_ENV}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((run / "train_result.json").read_text())
+    # step 1's loss is the base model's loss on the first batch's response tokens only
+    first = SampleStream(root, "train", seed=1234, shuffle=True).read(0, 8)
+    micro = [_losses(_decoder(base), np.stack(first[i : i + 2])) for i in range(0, 8, 2)]
+    response_only = sum(m[0] for m in micro) / 4
+    all_tokens = sum(m[1] for m in micro) / 4
+    assert abs(result["losses"][0] - response_only) < 1e-4 and abs(result["losses"][0] - all_tokens) > 1e-2
+    val = np.stack(SampleStream(root, "validation", shuffle=False).read(0, 8))
+    before, after = _losses(_decoder(base), val)[0], _losses(_decoder(run), val)[0]
+    assert after < before - 0.05, (before, after)
+
+
+def test_finetune_needs_a_base(prepared, tmp_path):
+    cmd = [sys.executable, "-m", "launcher.cli", "finetune", "-c", "configs/tiny.yaml", f"run_dir={tmp_path}/y",
+           f"data.output_dir={prepared}"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "model.init_from=ckpt:DIR" in r.stderr
