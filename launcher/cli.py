@@ -204,6 +204,47 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from training.compress import quantize
+
+    r = quantize(args.checkpoint, args.out, args.mode, args.data, args.max_samples, overwrite=args.overwrite)
+    o, q = r["original"], r["quantized"]
+    print(f"int8 {r['mode']}: {r['int8_file_bytes'] / 1e6:.2f} MB on disk vs {r['fp32_bytes'] / 1e6:.2f} MB fp32")
+    print(f"  perplexity {q['perplexity']:.3f} vs {o['perplexity']:.3f} (ratio {r['perplexity_ratio']:.4f})")
+    print(f"  generation {q['generate_tokens_per_s']:.1f} vs {o['generate_tokens_per_s']:.1f} tokens/s "
+          f"(x{r['speedup']:.2f}); wrote {args.out}")  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from training.compress import prune
+
+    r = prune(args.checkpoint, args.out, args.sparsity, args.nm, args.data, args.max_samples, args.overwrite)
+    print(f"pruned {r['pruned_matrices']} matrices ({r['method']}): sparsity {r['sparsity']:.4f}")
+    print(f"  perplexity {r['perplexity_before']:.3f} -> {r['perplexity_after']:.3f}; wrote {args.out}")
+    print(f"  recover: shardforge finetune -c FILE model.init_from=ckpt:{args.out} train.keep_sparsity=true")
+    return EXIT_OK
+
+
+def _add_compress_parsers(sub) -> None:
+    for name, func, text in [
+        ("quantize", cmd_quantize, "int8 for CPU serving; size, tokens/s and perplexity beside the original"),
+        ("prune", cmd_prune, "magnitude pruning (unstructured or N:M); sparsity and perplexity before and after"),
+    ]:
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--checkpoint", required=True)
+        p.add_argument("--out", required=True)
+        p.add_argument("--data", help="dataset folder (default: the checkpoint's config)")
+        p.add_argument("--max-samples", type=int, default=None, help="test samples for the perplexity")
+        p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+        p.set_defaults(func=func)
+        if name == "quantize":
+            p.add_argument("--mode", choices=["dynamic", "weight-only"], default="dynamic")
+        else:
+            p.add_argument("--sparsity", type=float, help="unstructured: share of each matrix set to zero")
+            p.add_argument("--nm", help="structured N:M, e.g. 2:4")
+
+
 def _add_model_parsers(sub) -> None:
     p = sub.add_parser("eval", help="test-split loss, perplexity, bits per byte and multiple-choice tasks")
     _add_config_args(p, required=False)
@@ -366,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_slurm_parsers(sub)
     _add_model_parsers(sub)
+    _add_compress_parsers(sub)
 
     p = sub.add_parser("tensorboard", help="start TensorBoard on localhost for a run directory")
     p.add_argument("run_dir", help="run directory (or its tensorboard/ folder)")

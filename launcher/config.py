@@ -200,6 +200,9 @@ class TrainConfig(Section):
     """An improvement must lower the validation loss by more than this."""
     max_consecutive_skips: int = Field(5, ge=1)
     """Stop with an error after this many steps in a row with a non-finite loss."""
+    keep_sparsity: bool = False
+    """Keep the weights that are zero at the start at zero (a recovery fine-tune after pruning): their gradients
+    are masked, so AdamW never moves them."""
     exit_interval: int | None = Field(None, ge=1)
     """Checkpoint and exit (code 0) after this many steps of this run, as Megatron's --exit-interval."""
 

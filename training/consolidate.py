@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from launcher.errors import IntegrityError
@@ -46,8 +47,37 @@ def inspect(path: str | Path) -> str:
     return "\n".join(lines)
 
 
+def folder_weights(p: Path) -> tuple[dict, dict, int, str | None] | None:
+    """A consolidated, pruned or int8 folder (config.json + model[-int8].safetensors): fp32 weights (int8 ones
+    dequantized), run config, step and int8 mode; None when ``p`` is not such a folder."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    files = [p / "model.safetensors", p / "model-int8.safetensors"]
+    found = next((f for f in files if f.is_file()), None)
+    if found is None or not (p / "config.json").is_file():
+        return None
+    with safe_open(str(found), "pt") as f:
+        meta = f.metadata() or {}
+    try:
+        stored = load_file(str(found))
+    except Exception as e:
+        raise IntegrityError(f"{found} is not a readable safetensors file: {e}") from None
+    weights = {
+        k: (t.float() * stored[k + ".scale"][:, None] if t.dtype == torch.int8 else t)
+        for k, t in stored.items()
+        if not k.endswith(".scale")
+    }
+    mode = meta.get("mode") if found.name == "model-int8.safetensors" else None
+    return weights, json.loads((p / "config.json").read_text()), int(meta.get("step", 0)), mode
+
+
 def full_weights(path: str | Path) -> tuple[dict, dict, int]:
-    """A verified checkpoint's full fp32 weights (layer-list names), its run config (a dict) and its step."""
+    """A verified checkpoint's full fp32 weights (layer-list names), its run config (a dict) and its step; also
+    reads consolidated, pruned and int8 folders."""
+    folder = folder_weights(Path(path))
+    if folder is not None:
+        return folder[:3]
     p = resolve(path)
     problems = verify_checkpoint(p)
     if problems:

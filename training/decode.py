@@ -39,16 +39,46 @@ class Decoder:
         self.d = m.hidden_size // self.heads
         self.vocab_padded = self.w["0.embedding.word_embeddings.weight"].shape[0]
         self.max_positions = max_positions
+        self.quantized: dict = {}  # name -> quantized module, after quantize_dynamic()
         if m.position_embedding == "rope":
             inv = 1.0 / (m.rope_base ** (torch.arange(0, self.d, 2, dtype=torch.float32) / self.d))
             freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv)
             emb = torch.cat([freqs, freqs], dim=-1)
             self.cos, self.sin = emb.cos(), emb.sin()
 
+    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        key = name.replace(".", "/")
+        if key in self.quantized:
+            return self.quantized[key](x)
+        return x @ self.w[name].T
+
+    def linear_names(self) -> list[str]:
+        """The matrices of the transformer blocks and the output head (not the embedding or the norms)."""
+        m = self.m
+        parts = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+        names = [f"{i + 1}.layer.{part}.weight" for i in range(m.num_layers) for part in parts]
+        return names + ([] if m.tie_embeddings else [f"{m.num_layers + 2}.output_layer.weight"])
+
+    def quantize_dynamic(self) -> None:
+        """int8 dynamic quantization (torch.ao, fbgemm/x86): int8 weights per channel, activations quantized per
+        batch on the fly; every matrix of :meth:`linear_names`."""
+        import warnings
+
+        from torch import nn
+
+        mods = nn.ModuleDict()
+        for name in self.linear_names():
+            lin = nn.Linear(self.w[name].shape[1], self.w[name].shape[0], bias=False)
+            lin.weight.data.copy_(self.w[name])
+            mods[name.replace(".", "/")] = lin
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao's quantized tensors are marked deprecated in torch 2.13
+            self.quantized = torch.ao.quantization.quantize_dynamic(mods, {nn.Linear}, dtype=torch.qint8)
+
     def _attention(self, x: torch.Tensor, i: int, pos: torch.Tensor, cache: tuple | None):
         b, t, _ = x.shape
         pre, per = f"{i + 1}.layer.self_attention.", self.heads // self.groups
-        qkv = (x @ self.w[pre + "linear_qkv.weight"].T).view(b, t, self.groups, per + 2, self.d)
+        qkv = self._linear(x, pre + "linear_qkv.weight").view(b, t, self.groups, per + 2, self.d)
         q = qkv[:, :, :, :per].reshape(b, t, self.heads, self.d).transpose(1, 2)
         k, v = qkv[:, :, :, per].transpose(1, 2), qkv[:, :, :, per + 1].transpose(1, 2)
         if self.m.position_embedding == "rope":
@@ -63,17 +93,17 @@ class Decoder:
         mask = torch.ones(t, k.shape[2], dtype=torch.bool).tril(past)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(self.d))
         out = out.transpose(1, 2).reshape(b, t, self.heads * self.d)
-        return out @ self.w[pre + "linear_proj.weight"].T, new_cache
+        return self._linear(out, pre + "linear_proj.weight"), new_cache
 
     def _mlp(self, x: torch.Tensor, i: int) -> torch.Tensor:
         pre = f"{i + 1}.layer.mlp."
-        h = x @ self.w[pre + "linear_fc1.weight"].T
+        h = self._linear(x, pre + "linear_fc1.weight")
         if self.m.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.gelu(h)
-        return h @ self.w[pre + "linear_fc2.weight"].T
+        return self._linear(h, pre + "linear_fc2.weight")
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, cache: list | None = None) -> tuple[torch.Tensor, list]:
@@ -96,12 +126,8 @@ class Decoder:
             x = x + self._mlp(_norm(x, w[pre + "pre_mlp_layernorm.weight"], m.normalization, m.norm_eps), i)
             new_cache.append(layer_cache)
         x = _norm(x, w[f"{m.num_layers + 1}.final_layernorm.weight"], m.normalization, m.norm_eps)
-        head = (
-            w["0.embedding.word_embeddings.weight"]
-            if m.tie_embeddings
-            else w[f"{m.num_layers + 2}.output_layer.weight"]
-        )
-        return x @ head.T, new_cache
+        head = "0.embedding.word_embeddings.weight" if m.tie_embeddings else f"{m.num_layers + 2}.output_layer.weight"
+        return self._linear(x, head), new_cache
 
 
 @dataclass

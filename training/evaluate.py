@@ -41,7 +41,7 @@ def load_model(checkpoint: str | Path, data_dir: str | None = None) -> LoadedMod
     """The checkpoint's full weights in a :class:`Decoder`, its config, and the dataset's tokenizer."""
     from data_pipeline.loader import load_dataset_manifest
     from data_pipeline.tokenizer import load_tokenizer
-    from training.consolidate import full_weights
+    from training.consolidate import folder_weights, full_weights
 
     tensors, raw_cfg, step = full_weights(checkpoint)
     cfg = validate_config(raw_cfg, f"{checkpoint}/trainer.json")
@@ -51,6 +51,9 @@ def load_model(checkpoint: str | Path, data_dir: str | None = None) -> LoadedMod
     manifest = load_dataset_manifest(root)
     sp = load_tokenizer(Path(root) / manifest["tokenizer"]["file"], manifest["tokenizer"]["sha256"])
     decoder = Decoder(tensors, cfg.model, max_positions=max(cfg.data.seq_length, 2048))
+    folder = folder_weights(Path(checkpoint))
+    if folder is not None and folder[3] == "dynamic":
+        decoder.quantize_dynamic()
     return LoadedModel(decoder, cfg, step, root, sp, manifest["tokenizer"]["vocab_size"])
 
 

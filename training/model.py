@@ -39,6 +39,8 @@ def model_parts(cfg: RunConfig, vocab_size: int) -> ModelParts:
     def init_weights(model: nn.Module, layout: Layout) -> None:
         if m.init_from:  # fine-tuning / transfer: start from a checkpoint or a Hugging Face model, at any layout
             load_full_parameters(model, initial_weights(m.init_from, m, vocab_size), layout.tp, layout.tp_rank, gated)
+            if cfg.train.keep_sparsity:
+                keep_zeros(model)
             return
         init_parameters(model, m.init_std, m.num_layers, cfg.train.seed, layout.tp, layout.tp_rank, gated=gated)
 
@@ -55,3 +57,16 @@ def initial_weights(spec: str, m, vocab_size: int) -> dict:
     from training.hf import load_init_weights
 
     return load_init_weights(spec, m, vocab_size)
+
+
+def keep_zeros(model: nn.Module) -> int:
+    """Mask the gradients of every matrix's zero entries (pruned weights stay zero under AdamW with fresh
+    moments: zero gradient, zero moments, zero update, and weight decay of zero is zero). Returns how many."""
+    n = 0
+    for _, p in model.named_parameters():
+        zero = p.data == 0
+        if p.dim() == 2 and bool(zero.any()):
+            keep = (~zero).to(p.dtype)
+            p.register_hook(lambda g, keep=keep: g * keep)
+            n += 1
+    return n
