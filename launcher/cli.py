@@ -108,6 +108,22 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return run_ranks("launcher.train", cfg, args.config, args.overrides)
 
 
+def cmd_continue(args: argparse.Namespace) -> int:
+    from launcher.config import load_config
+    from launcher.finetune import check_finetune
+    from launcher.maintain import continue_overrides, gate, report
+    from launcher.spawn import run_ranks
+
+    cfg = _load(args)
+    extra = continue_overrides(cfg)
+    cfg = load_config(args.config, [*args.overrides, *extra])
+    check_finetune(cfg)
+    rc = run_ranks("launcher.train", cfg, args.config, [*args.overrides, *extra])
+    if rc != EXIT_OK:
+        return rc
+    return report(*gate(cfg, cfg.checkpoint.dir))
+
+
 def cmd_tensorboard(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -379,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="train from model.init_from (a checkpoint or a Hugging Face model)")
     _add_config_args(p)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("continue", help="continued training of maintain.previous on new data, regression-gated")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_continue)
 
     ck = sub.add_parser("checkpoint", help="inspect, verify and consolidate checkpoints").add_subparsers(
         dest="sub", metavar="SUBCOMMAND", required=True

@@ -258,6 +258,23 @@ class SlurmConfig(Section):
         return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # `--time 30` means 30 minutes
 
 
+class MaintainConfig(Section):
+    """`shardforge continue`: continued training of a released model on new data, gated by a regression check."""
+
+    previous: str | None = None
+    """The released model to continue from (a checkpoint folder or root)."""
+    replay_fraction: float = Field(0.2, ge=0, lt=1)
+    """Share of training samples drawn from the previous model's data (``loader.blend`` with data.output_dir)."""
+    replay_data: str | None = None
+    """The old dataset to replay; default: the previous model's data.output_dir."""
+    eval_data: str | None = None
+    """The fixed evaluation set both models are scored on; default: the replay dataset (its stable test split)."""
+    eval_split: Literal["train", "validation", "test"] = "test"
+    eval_max_samples: int | None = Field(None, ge=1)
+    margin: float = Field(0.01, ge=0)
+    """Promote only if new loss <= previous loss x (1 + margin)."""
+
+
 class RunConfig(Section):
     run_dir: str = "runs/default"
     data: DataConfig = Field(default_factory=DataConfig)
@@ -270,6 +287,7 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    maintain: MaintainConfig = Field(default_factory=MaintainConfig)
 
     @model_validator(mode="after")
     def _layout(self) -> RunConfig:

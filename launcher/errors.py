@@ -11,6 +11,7 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1  # a bug: a traceback is printed
 EXIT_USAGE = 2  # bad config, bad command line, bad input data
 EXIT_INTEGRITY = 3  # a corrupt or mismatched shard, tokenizer or checkpoint
+EXIT_GATE = 4  # the regression gate refused to promote a new model
 EXIT_REQUEUE = 75  # (EX_TEMPFAIL) checkpointed after a signal: please requeue
 
 

@@ -15,8 +15,12 @@ def base_tokenizer_sha(spec: str) -> str | None:
         return None
     from training.consolidate import resolve
 
-    trainer = json.loads((resolve(spec[len("ckpt:") :]) / "trainer.json").read_text())
-    manifest = Path(trainer["config"]["data"]["output_dir"]) / "manifest.json"
+    path = Path(spec[len("ckpt:") :])
+    if (path / "config.json").is_file():  # a consolidated, pruned or int8 folder
+        config = json.loads((path / "config.json").read_text())
+    else:
+        config = json.loads((resolve(path) / "trainer.json").read_text())["config"]
+    manifest = Path(config["data"]["output_dir"]) / "manifest.json"
     return json.loads(manifest.read_text())["tokenizer"]["sha256"] if manifest.is_file() else None
 
 

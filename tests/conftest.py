@@ -59,6 +59,15 @@ def prepared(tmp_path_factory) -> Path:
     return prepare_dataset(cfg).output_dir
 
 
+@pytest.fixture(scope="session")
+def base_model(prepared, tmp_path_factory) -> Path:
+    """configs/tiny.yaml trained 30 steps on ``prepared`` (one rank): the base for fine-tuning and compression."""
+    run = tmp_path_factory.mktemp("base") / "run"
+    r, _ = shardforge_train(run, prepared, "train.max_steps=30", "train.eval_interval=30")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return run
+
+
 @pytest.fixture
 def quickstart_config():
     return load_config(REPO / "configs" / "quickstart.yaml")

@@ -9,18 +9,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TRAIN_ENV, shardforge_train, small_config, stdlib_files
+from conftest import REPO, TRAIN_ENV, small_config, stdlib_files
 
 from data_pipeline.loader import SampleStream
 from data_pipeline.prepare import prepare_dataset
-
-
-@pytest.fixture(scope="module")
-def base(prepared, tmp_path_factory):
-    run = tmp_path_factory.mktemp("base") / "run"
-    r, _ = shardforge_train(run, prepared, "train.max_steps=30", "train.eval_interval=30")
-    assert r.returncode == 0, r.stderr[-2000:]
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -68,23 +60,23 @@ def test_sft_data_marks_exactly_the_prompt_tokens(sft_data, prepared):
     assert manifest["splits"]["train"]["documents"] + manifest["splits"]["validation"]["documents"] == len(lines)
 
 
-def test_sft_trains_only_on_responses_and_lowers_their_loss(base, sft_data, tmp_path):
+def test_sft_trains_only_on_responses_and_lowers_their_loss(base_model, sft_data, tmp_path):
     root, _ = sft_data
     run = tmp_path / "sft"
     cmd = [sys.executable, "-m", "launcher.cli", "finetune", "-c", "configs/tiny.yaml", f"run_dir={run}",
-           f"data.output_dir={root}", f"model.init_from=ckpt:{base}/checkpoints", "train.max_steps=25",
+           f"data.output_dir={root}", f"model.init_from=ckpt:{base_model}/checkpoints", "train.max_steps=25",
            "train.eval_interval=25", "optim.lr=0.001", "optim.warmup_steps=0"]  # fmt: skip
     r = subprocess.run(cmd, cwd=REPO, env={**__import__("os").environ, **TRAIN_ENV}, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((run / "train_result.json").read_text())
     # step 1's loss is the base model's loss on the first batch's response tokens only
     first = SampleStream(root, "train", seed=1234, shuffle=True).read(0, 8)
-    micro = [_losses(_decoder(base), np.stack(first[i : i + 2])) for i in range(0, 8, 2)]
+    micro = [_losses(_decoder(base_model), np.stack(first[i : i + 2])) for i in range(0, 8, 2)]
     response_only = sum(m[0] for m in micro) / 4
     all_tokens = sum(m[1] for m in micro) / 4
     assert abs(result["losses"][0] - response_only) < 1e-4 and abs(result["losses"][0] - all_tokens) > 1e-2
     val = np.stack(SampleStream(root, "validation", shuffle=False).read(0, 8))
-    before, after = _losses(_decoder(base), val)[0], _losses(_decoder(run), val)[0]
+    before, after = _losses(_decoder(base_model), val)[0], _losses(_decoder(run), val)[0]
     assert after < before - 0.05, (before, after)
 
 
