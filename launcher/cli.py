@@ -156,7 +156,7 @@ def cmd_checkpoint_verify(args: argparse.Namespace) -> int:
 def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
     from training.consolidate import consolidate
 
-    out = consolidate(args.dir, args.out)
+    out = consolidate(args.dir, args.out, args.merge_lora)
     print(f"wrote {out}/model.safetensors and {out}/config.json")
     return EXIT_OK
 
@@ -412,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ck.add_parser("consolidate", help="write one fp32 safetensors file of full weights plus the config")
     p.add_argument("dir")
     p.add_argument("out")
+    p.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the base weights")
     p.set_defaults(func=cmd_checkpoint_consolidate)
 
     p = sub.add_parser("plan", help="estimate memory per device, step time, GPU-hours and cost before running")

@@ -258,6 +258,15 @@ class SlurmConfig(Section):
         return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # `--time 30` means 30 minutes
 
 
+class LoraConfig(Section):
+    """LoRA adapters for fine-tuning (rank 0: off). The base weights are frozen; TP=1 and PP=1 only."""
+
+    rank: int = Field(0, ge=0)
+    alpha: float = Field(16.0, gt=0)
+    targets: list[str] = Field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+    """Names of the megatron-core linears that get adapters."""
+
+
 class MaintainConfig(Section):
     """`shardforge continue`: continued training of a released model on new data, gated by a regression check."""
 
@@ -288,6 +297,7 @@ class RunConfig(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     maintain: MaintainConfig = Field(default_factory=MaintainConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @model_validator(mode="after")
     def _layout(self) -> RunConfig:

@@ -90,8 +90,14 @@ def full_weights(path: str | Path) -> tuple[dict, dict, int]:
     return tensors, cfg, trainer["trainer"]["step"]
 
 
-def consolidate(path: str | Path, out: str | Path) -> Path:
+def consolidate(path: str | Path, out: str | Path, merge_lora: bool = False) -> Path:
     tensors, cfg, step = full_weights(path)
+    lora = cfg.get("lora", {})
+    if merge_lora and lora.get("rank"):
+        from training.lora import merge
+
+        tensors = merge(tensors, lora["alpha"] / lora["rank"])
+        cfg = {**cfg, "lora": {**lora, "rank": 0}}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(

@@ -32,7 +32,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Decoder:
     """A GPT from full weights: ``logits, cache = decoder(tokens, cache)`` continues ``cache`` (None: empty)."""
 
-    def __init__(self, weights: dict[str, torch.Tensor], m: ModelConfig, max_positions: int = 4096):
+    def __init__(
+        self, weights: dict[str, torch.Tensor], m: ModelConfig, max_positions: int = 4096, lora_scale: float = 0.0
+    ):
         self.w, self.m = {k: v.float() for k, v in weights.items()}, m
         self.heads = m.num_attention_heads
         self.groups = m.num_query_groups or self.heads
@@ -40,6 +42,7 @@ class Decoder:
         self.vocab_padded = self.w["0.embedding.word_embeddings.weight"].shape[0]
         self.max_positions = max_positions
         self.quantized: dict = {}  # name -> quantized module, after quantize_dynamic()
+        self.lora_scale = lora_scale  # unmerged LoRA adapters (<linear>.lora_A / .lora_B) are applied with it
         if m.position_embedding == "rope":
             inv = 1.0 / (m.rope_base ** (torch.arange(0, self.d, 2, dtype=torch.float32) / self.d))
             freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv)
@@ -50,7 +53,11 @@ class Decoder:
         key = name.replace(".", "/")
         if key in self.quantized:
             return self.quantized[key](x)
-        return x @ self.w[name].T
+        out = x @ self.w[name].T
+        a = self.w.get(name.replace(".weight", ".lora_A"))
+        if a is not None:
+            out = out + (x @ a.T) @ self.w[name.replace(".weight", ".lora_B")].T * self.lora_scale
+        return out
 
     def linear_names(self) -> list[str]:
         """The matrices of the transformer blocks and the output head (not the embedding or the norms)."""

@@ -50,6 +50,10 @@ def load_model(checkpoint: str | Path, data_dir: str | None = None) -> LoadedMod
     root = data_dir or cfg.data.output_dir
     manifest = load_dataset_manifest(root)
     sp = load_tokenizer(Path(root) / manifest["tokenizer"]["file"], manifest["tokenizer"]["sha256"])
+    if cfg.lora.rank:  # serve LoRA fine-tunes merged (the tests hold merged to unmerged)
+        from training.lora import merge
+
+        tensors = merge(tensors, cfg.lora.alpha / cfg.lora.rank)
     decoder = Decoder(tensors, cfg.model, max_positions=max(cfg.data.seq_length, 2048))
     folder = folder_weights(Path(checkpoint))
     if folder is not None and folder[3] == "dynamic":

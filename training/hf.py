@@ -233,6 +233,10 @@ def export_hf(checkpoint: str | Path, out: str | Path, data_dir: str | None = No
     manifest = load_dataset_manifest(root)
     tok = manifest["tokenizer"]
     vocab = tok["vocab_size"]
+    if cfg.lora.rank:
+        from training.lora import merge
+
+        tensors = merge(tensors, cfg.lora.alpha / cfg.lora.rank)
     state = to_llama(tensors, cfg.model, vocab)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

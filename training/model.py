@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from launcher.config import RunConfig
+from launcher.errors import ConfigError
 from parallelism.engine import ModelParts
 from parallelism.layout import Layout
 from training import gpt, rnn
@@ -37,6 +38,16 @@ def model_parts(cfg: RunConfig, vocab_size: int) -> ModelParts:
     gated = m.activation == "swiglu"
 
     def init_weights(model: nn.Module, layout: Layout) -> None:
+        _init_weights(model, layout)
+        if cfg.lora.rank:
+            if layout.tp > 1 or layout.pp > 1 or m.arch != "gpt":
+                raise ConfigError("lora.rank > 0 needs model.arch=gpt, parallel.tp=1 and parallel.pp=1",
+                                  fix="use data parallelism (and ZeRO) with LoRA, or lora.rank=0")  # fmt: skip
+            from training.lora import add_lora
+
+            add_lora(model, cfg.lora, cfg.train.seed)
+
+    def _init_weights(model: nn.Module, layout: Layout) -> None:
         if m.init_from:  # fine-tuning / transfer: start from a checkpoint or a Hugging Face model, at any layout
             load_full_parameters(model, initial_weights(m.init_from, m, vocab_size), layout.tp, layout.tp_rank, gated)
             if cfg.train.keep_sparsity:

@@ -85,3 +85,37 @@ def test_finetune_needs_a_base(prepared, tmp_path):
            f"data.output_dir={prepared}"]  # fmt: skip
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and "model.init_from=ckpt:DIR" in r.stderr
+
+
+def test_lora_trains_adapters_only_and_merged_equals_unmerged(base_model, prepared, tmp_path):
+    from launcher.config import validate_config
+    from training.consolidate import full_weights
+    from training.decode import Decoder
+    from training.lora import merge
+
+    run = tmp_path / "lora"
+    cmd = [sys.executable, "-m", "launcher.cli", "finetune", "-c", "configs/tiny.yaml", f"run_dir={run}",
+           f"data.output_dir={prepared}", f"model.init_from=ckpt:{base_model}/checkpoints", "lora.rank=4",
+           "lora.alpha=8", "train.max_steps=12", "train.eval_interval=12", "optim.lr=0.01", "optim.warmup_steps=0",
+           "parallel.nproc=2", "parallel.zero_stage=1"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, env={**__import__("os").environ, **TRAIN_ENV}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tuned, cfg, _ = full_weights(run / "checkpoints")
+    base, _, _ = full_weights(base_model / "checkpoints")
+    adapters = [k for k in tuned if ".lora_" in k]
+    assert len(adapters) == 2 * 4 * 4  # A and B on 4 matrices of 4 layers
+    assert all(torch.equal(tuned[k], base[k]) for k in base)  # the base weights are frozen
+    assert all(tuned[k].abs().sum() > 0 for k in adapters if k.endswith("lora_B"))  # the adapters trained
+    m = validate_config(cfg).model
+    unmerged = Decoder(tuned, m, lora_scale=8 / 4)
+    merged = Decoder(merge(tuned, 8 / 4), m)
+    tokens = torch.from_numpy(np.stack(SampleStream(prepared, "validation", shuffle=False).read(0, 4))).long()
+    a, b = unmerged(tokens[:, :-1])[0], merged(tokens[:, :-1])[0]
+    assert (a - b).abs().max() < 1e-5 and (a - Decoder(base, m)(tokens[:, :-1])[0]).abs().max() > 1e-3
+    out = tmp_path / "merged"
+    r = subprocess.run([sys.executable, "-m", "launcher.cli", "checkpoint", "consolidate", str(run / "checkpoints"),
+                        str(out), "--merge-lora"], cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    merged_file = full_weights(out)[0]
+    assert not any(".lora_" in k for k in merged_file) and (merged(tokens[:, :-1])[0] - Decoder(merged_file, m)(
+        tokens[:, :-1])[0]).abs().max() < 1e-6  # fmt: skip
