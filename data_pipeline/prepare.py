@@ -142,10 +142,9 @@ def _pack_split(cfg: RunConfig, work: Path, split: str, tok: Tokenizer, vocab_si
 
 def prepare_dataset(cfg: RunConfig, overwrite: bool = False) -> PrepareResult:
     """Run the whole pipeline for ``cfg`` and return the manifest; reuse an identical finished dataset."""
+    build = _build
     if cfg.data.format == "sft":
-        from data_pipeline.sft import prepare_sft
-
-        return prepare_sft(cfg, overwrite)
+        from data_pipeline.sft import build_sft as build
     out = Path(cfg.data.output_dir)
     fingerprint = dataset_fingerprint(cfg)
     existing = _check_output_dir(out, fingerprint, overwrite)
@@ -156,7 +155,7 @@ def prepare_dataset(cfg: RunConfig, overwrite: bool = False) -> PrepareResult:
         shutil.rmtree(stale, ignore_errors=True)
     work = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
-        manifest = _build(cfg, work, fingerprint)
+        manifest = build(cfg, work, fingerprint)
         _publish(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)

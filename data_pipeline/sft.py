@@ -10,7 +10,6 @@ The tokenizer is the base model's (``tokenizer.model_file`` is required): fine-t
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -20,10 +19,6 @@ from data_pipeline.ingest import resolve_inputs
 from data_pipeline.pack import SplitWriter
 from data_pipeline.prepare import (
     TOKENIZER_FILE,
-    PrepareResult,
-    _check_output_dir,
-    _publish,
-    dataset_fingerprint,
     write_manifest,
 )
 from data_pipeline.split import SPLIT_NAMES, DigestSet, assign_split, content_digest
@@ -52,25 +47,10 @@ def read_examples(cfg: RunConfig):
                     yield prompt, response
 
 
-def prepare_sft(cfg: RunConfig, overwrite: bool = False) -> PrepareResult:
+def build_sft(cfg: RunConfig, work: Path, fingerprint: str) -> dict:
+    """Write the SFT dataset into ``work`` (``prepare_dataset`` publishes it atomically); return the manifest."""
     if not cfg.tokenizer.model_file:
         raise DataError("data.format=sft needs the base model's tokenizer", fix="set tokenizer.model_file")
-    out = Path(cfg.data.output_dir)
-    fingerprint = dataset_fingerprint(cfg)
-    existing = _check_output_dir(out, fingerprint, overwrite)
-    if existing is not None:
-        return PrepareResult(out, existing, reused=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
-        manifest = _build_sft(cfg, work, fingerprint)
-        _publish(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return PrepareResult(out, manifest, reused=False)
-
-
-def _build_sft(cfg: RunConfig, work: Path, fingerprint: str) -> dict:
     tok_file = work / TOKENIZER_FILE
     tok_file.parent.mkdir(parents=True)
     shutil.copyfile(cfg.tokenizer.model_file, tok_file)

@@ -123,7 +123,10 @@ def test_retention_keeps_the_last_k_and_every_mth(prepared, tmp_path):
 def test_sigterm_checkpoints_exits_with_the_requeue_code_and_resumes(prepared, tmp_path):
     run = tmp_path / "run"
     steps = 40
-    full = train(tmp_path / "full", prepared, steps=steps, extra=["logging.log_interval=1"])
+    reference = subprocess.Popen(  # one rank each: the uninterrupted reference runs beside the interrupted run
+        args_for(tmp_path / "full", prepared, steps, ["logging.log_interval=1"]), cwd=REPO, env=ENV,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
     proc = subprocess.Popen(
         args_for(run, prepared, steps, ["logging.log_interval=1"]),
         cwd=REPO,
@@ -137,7 +140,8 @@ def test_sigterm_checkpoints_exits_with_the_requeue_code_and_resumes(prepared, t
             proc.send_signal(signal.SIGTERM)
             break
     proc.stdout.read()
-    assert proc.wait(timeout=300) == EXIT_REQUEUE
+    assert proc.wait(timeout=300) == EXIT_REQUEUE and reference.wait(timeout=300) == 0
+    full = json.loads((tmp_path / "full" / "train_result.json").read_text())
     first = json.loads((run / "train_result.json").read_text())
     assert first["preempted"] and "preempted" in first["stop_reason"]
     cut = first["steps"]

@@ -83,10 +83,20 @@ def test_import_matches_transformers_logits(hf_llama, tmp_path, tp):
 
 
 def test_import_refuses_a_missing_or_mismatched_folder(hf_llama, prepared, tmp_path):
+    from launcher.config import load_config
+    from launcher.errors import ConfigError
+    from training.hf import load_init_weights
+
     r, _ = shardforge_train(tmp_path / "a", prepared, f"model.init_from=hf:{tmp_path}/nope", *GQA)
-    assert r.returncode == 2 and "does not exist" in r.stderr
-    r, _ = shardforge_train(tmp_path / "b", prepared, f"model.init_from=hf:{hf_llama}", "model.num_query_groups=4")
-    assert r.returncode == 2 and "num_key_value_heads=2 but model.num_query_groups is 4" in r.stderr
+    assert r.returncode == 2 and "does not exist" in r.stderr  # through the CLI: one line, exit 2
+    m = load_config(REPO / "configs/tiny.yaml", ["model.num_query_groups=4"]).model
+    with pytest.raises(ConfigError, match="num_key_value_heads=2 but model.num_query_groups is 4"):
+        load_init_weights(f"hf:{hf_llama}", m, 512)
+    (tmp_path / "pickle").mkdir()
+    (tmp_path / "pickle" / "config.json").write_text((hf_llama / "config.json").read_text())
+    (tmp_path / "pickle" / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ConfigError, match="pickle"):
+        load_init_weights(f"hf:{tmp_path / 'pickle'}", m, 512)
 
 
 @pytest.fixture(scope="module")
