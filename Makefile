@@ -13,8 +13,8 @@ venv: $(STAMP)
 $(STAMP): constraints.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile -c constraints.txt torch
-	$(PY) -m pip install -q --no-compile -c constraints.txt megatron-core psutil webdataset sentencepiece tensorboard \
+	$(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt megatron-core psutil webdataset sentencepiece tensorboard \
 		pydantic PyYAML tqdm datasketch zstandard numpy safetensors pytest pytest-timeout hjson ninja msgpack \
 		einops py-cpuinfo transformers
 	$(PY) -m pip install -q --no-build-isolation -c constraints.txt deepspeed

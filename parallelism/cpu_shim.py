@@ -7,9 +7,31 @@ no-op synchronize, the CPU generator). ``apply()`` does nothing when CUDA is ava
 
 from __future__ import annotations
 
+import sys
+import types
+
 import torch
 
 _applied = False
+
+
+def skip_megatron_jit() -> None:
+    """Register a stand-in ``megatron.core.jit`` whose ``jit_fuser`` is a no-op, before megatron is imported.
+
+    megatron-core wraps its fused kernels (bias-GeLU/SwiGLU, bias-dropout, ...) in ``torch.compile`` when its
+    modules are imported, which pulls in torch._inductor: about 3 s of CPU in every rank. Shardforge turns those
+    fusions off (``training.gpt.transformer_config``), so the wrapped functions never run. Does nothing once
+    megatron is imported."""
+    if "megatron.core" in sys.modules or "megatron.core.jit" in sys.modules:
+        return
+
+    def noop(func=None, *args, **kwargs):
+        return func
+
+    stub = types.ModuleType("megatron.core.jit")
+    stub.jit_fuser = stub.noop_decorator = noop
+    stub.enable_jit_fuser = stub.disable_jit_fuser = lambda: None
+    sys.modules["megatron.core.jit"] = stub
 
 
 def apply() -> bool:

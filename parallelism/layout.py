@@ -77,6 +77,7 @@ def init_distributed(cfg: ParallelConfig, timeout_s: float = 600.0) -> Layout:
     """Start the process group and megatron's parallel state for ``cfg``; return the Layout."""
     from parallelism import cpu_shim
 
+    cpu_shim.skip_megatron_jit()
     cpu_shim.apply()
     env_from_launcher()
     world = int(os.environ["WORLD_SIZE"])
