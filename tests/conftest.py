@@ -61,9 +61,10 @@ def prepared(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def base_model(prepared, tmp_path_factory) -> Path:
-    """configs/tiny.yaml trained 30 steps on ``prepared`` (one rank): the base for fine-tuning and compression."""
+    """configs/tiny.yaml trained 40 steps on ``prepared`` at TP=2: the base for export, evaluation, fine-tuning
+    and compression (enough steps to tell code from reversed code)."""
     run = tmp_path_factory.mktemp("base") / "run"
-    r, _ = shardforge_train(run, prepared, "train.max_steps=30", "train.eval_interval=30")
+    r, _ = shardforge_train(run, prepared, "train.max_steps=40", "train.eval_interval=40", *layout_args(tp=2))
     assert r.returncode == 0, r.stderr[-2000:]
     return run
 

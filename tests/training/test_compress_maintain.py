@@ -86,7 +86,7 @@ def test_gate_promotes_a_better_model_and_refuses_a_worse_one(base_model, new_da
     assert good.returncode == 0, good.stderr[-3000:]
     [entry] = [json.loads(line) for line in (tmp_path / "good" / "registry.jsonl").read_text().splitlines()]
     assert entry["promoted"] and entry["metrics"]["loss"] < entry["metrics"]["previous_loss"]
-    assert entry["parent"].endswith("step_00000030") and len(entry["data_manifest_sha256"]) == 64
+    assert entry["parent"].endswith("step_00000040") and len(entry["data_manifest_sha256"]) == 64
     assert entry["config"]["loader"]["blend"][1]["weight"] == pytest.approx(0.3) and "PROMOTED" in good.stdout
     bad = _continue(tmp_path / "bad", new_data, base_model, "optim.lr=1.0")  # deliberately worse
     assert bad.returncode == EXIT_GATE and "REFUSED" in bad.stdout
