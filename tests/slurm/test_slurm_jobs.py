@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -50,8 +51,17 @@ def held_after_requeue(job: str, restarts: int) -> bool:
     return info.get("JobState") == "PENDING" and info.get("Restarts") == str(restarts)
 
 
+def nodes_idle() -> bool:
+    states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True).stdout.split()
+    return bool(states) and all(s == "idle" for s in states)
+
+
 def release(job: str, minutes: int) -> None:
-    """What an operator does: skip Slurm's ~2 min hold of a requeued job, and set its time limit."""
+    """What an operator does: skip Slurm's ~2 min hold of a requeued job, and set its time limit. First the nodes
+    must have finished with the previous start (Slurm revokes that start's credential; a start within the same
+    second is refused as 'Job credential revoked', which is what the hold protects against)."""
+    wait_for(nodes_idle, "the nodes to finish the previous start", timeout=60)
+    time.sleep(3)
     subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={minutes}", "StartTime=now"], check=True)
 
 
