@@ -13,14 +13,9 @@ def base_tokenizer_sha(spec: str) -> str | None:
     """The sha256 of the tokenizer a ``ckpt:`` base model was trained with (None when it cannot be found)."""
     if not spec.startswith("ckpt:"):
         return None
-    from training.consolidate import resolve
+    from training.consolidate import run_config
 
-    path = Path(spec[len("ckpt:") :])
-    if (path / "config.json").is_file():  # a consolidated, pruned or int8 folder
-        config = json.loads((path / "config.json").read_text())
-    else:
-        config = json.loads((resolve(path) / "trainer.json").read_text())["config"]
-    manifest = Path(config["data"]["output_dir"]) / "manifest.json"
+    manifest = Path(run_config(spec[len("ckpt:") :])["data"]["output_dir"]) / "manifest.json"
     return json.loads(manifest.read_text())["tokenizer"]["sha256"] if manifest.is_file() else None
 
 

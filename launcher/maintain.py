@@ -21,12 +21,9 @@ from launcher.errors import EXIT_GATE, EXIT_OK, ConfigError
 
 
 def previous_data_dir(previous: str) -> str:
-    from training.consolidate import resolve
+    from training.consolidate import run_config
 
-    path = Path(previous)
-    if (path / "config.json").is_file():  # a consolidated folder
-        return json.loads((path / "config.json").read_text())["data"]["output_dir"]
-    return json.loads((resolve(path) / "trainer.json").read_text())["config"]["data"]["output_dir"]
+    return run_config(previous)["data"]["output_dir"]
 
 
 def continue_overrides(cfg: RunConfig) -> list[str]:

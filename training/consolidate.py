@@ -72,6 +72,15 @@ def folder_weights(p: Path) -> tuple[dict, dict, int, str | None] | None:
     return weights, json.loads((p / "config.json").read_text()), int(meta.get("step", 0)), mode
 
 
+def run_config(path: str | Path) -> dict:
+    """The run config (a dict) of a checkpoint (folder or root) or of a consolidated, pruned or int8 folder,
+    without reading any weights."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return json.loads((p / "config.json").read_text())
+    return json.loads((resolve(p) / "trainer.json").read_text())["config"]
+
+
 def full_weights(path: str | Path) -> tuple[dict, dict, int]:
     """A verified checkpoint's full fp32 weights (layer-list names), its run config (a dict) and its step; also
     reads consolidated, pruned and int8 folders."""

@@ -43,7 +43,8 @@ def load_model(checkpoint: str | Path, data_dir: str | None = None) -> LoadedMod
     from data_pipeline.tokenizer import load_tokenizer
     from training.consolidate import folder_weights, full_weights
 
-    tensors, raw_cfg, step = full_weights(checkpoint)
+    folder = folder_weights(Path(checkpoint))  # a consolidated, pruned or int8 folder, read once
+    tensors, raw_cfg, step = folder[:3] if folder is not None else full_weights(checkpoint)
     cfg = validate_config(raw_cfg, f"{checkpoint}/trainer.json")
     if cfg.model.arch != "gpt":
         raise ConfigError(f"model.arch={cfg.model.arch}: evaluation and generation support the GPT model")
@@ -55,7 +56,6 @@ def load_model(checkpoint: str | Path, data_dir: str | None = None) -> LoadedMod
 
         tensors = merge(tensors, cfg.lora.alpha / cfg.lora.rank)
     decoder = Decoder(tensors, cfg.model, max_positions=max(cfg.data.seq_length, 2048))
-    folder = folder_weights(Path(checkpoint))
     if folder is not None and folder[3] == "dynamic":
         decoder.quantize_dynamic()
     return LoadedModel(decoder, cfg, step, root, sp, manifest["tokenizer"]["vocab_size"])
