@@ -42,6 +42,20 @@ class SlurmJob:
         return 1 if self.cfg.launch == "torchrun" else self.world // self.cfg.nodes
 
 
+SLURM_TIMER_S = 30  # slurmctld's PERIODIC_TIMEOUT: how often it looks at time limits and --signal warnings
+
+
+def time_limit_s(value: str) -> int:
+    """Seconds in a Slurm time limit: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (the formats sbatch --time takes)."""
+    days, _, rest = value.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    if days:
+        h, m, sec = (parts + [0, 0])[:3]
+    else:
+        h, m, sec = {1: [0, parts[0], 0], 2: [0, *parts], 3: parts}[len(parts)]
+    return ((int(days or 0) * 24 + h) * 60 + m) * 60 + sec
+
+
 def _check_text(key: str, value: str) -> str:
     if any(c in value for c in "\n\r\0\\"):
         raise ConfigError(
@@ -65,6 +79,12 @@ def check_slurm_config(s: SlurmConfig, world: int | None) -> None:
     if not _TIME.match(s.time):
         raise ConfigError(
             f"slurm.time={s.time!r} is not a Slurm time limit", fix="use minutes, HH:MM:SS or D-HH:MM:SS, e.g. 04:00:00"
+        )
+    if time_limit_s(s.time) < s.signal_grace_s + SLURM_TIMER_S + 30:
+        raise ConfigError(
+            f"slurm.time={s.time!r} leaves no room for slurm.signal_grace_s={s.signal_grace_s}: Slurm checks time "
+            f"limits every {SLURM_TIMER_S} s, so its warning can come that much early, before the ranks have started",
+            fix=f"use a time limit of at least {s.signal_grace_s + SLURM_TIMER_S + 30} s or a smaller signal_grace_s",
         )
     for name in s.env:
         if not _ENV_NAME.match(name):

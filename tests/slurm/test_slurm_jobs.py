@@ -29,7 +29,8 @@ COMMON = [
     "logging.log_interval=10",
     *layout_args(dp=2, zero=1),
 ]
-SLURM = ["slurm.cpus_per_task=1", "slurm.cpu_bind=none", "slurm.signal_grace_s=55"]
+GRACE = 80  # USR1 80 s before the limit: with a 2-minute limit, 10 to 40 s after the start (Slurm's 30 s timer)
+SLURM = ["slurm.cpus_per_task=1", "slurm.cpu_bind=none", f"slurm.signal_grace_s={GRACE}"]
 
 
 def submit(run: Path, prepared: Path, *extra: str, flags=("--nodes", "2", "--time", "10")) -> list[str]:
@@ -44,6 +45,15 @@ def history(run: Path) -> list[tuple[str, str]]:
     path = run / "slurm" / "history.tsv"
     rows = [line.split("\t") for line in path.read_text().splitlines()] if path.exists() else []
     return [(r[2], r[3].split(" on ")[0]) for r in rows]
+
+
+def diagnosis(run: Path, job: str) -> str:
+    """What a failed wait prints: the job's state, its history and the end of its log."""
+    log = "".join(p.read_text() for p in sorted((run / "slurm").glob("train-*.out")))
+    hist = (run / "slurm" / "history.tsv").read_text() if (run / "slurm" / "history.tsv").exists() else ""
+    info = scontrol_job(job)
+    state = {k: info.get(k) for k in ("JobState", "Reason", "Restarts", "RunTime", "TimeLimit", "ExitCode")}
+    return f"\njob {state}\nhistory:\n{hist}log tail:\n" + "\n".join(log.splitlines()[-25:])
 
 
 def held_after_requeue(job: str, restarts: int) -> bool:
@@ -66,8 +76,8 @@ def release(job: str, minutes: int) -> None:
 
 
 def test_preemption_and_time_limit_requeue_and_match_an_uninterrupted_run(slurm_cluster, prepared, tmp_path):
-    """2 emulated nodes x 1 task. USR1 mid-run -> checkpoint, exit 75, requeue; then a 1-minute time limit
-    (USR1 55 s before it) -> the same; the third start finishes. Job name and run directory are hostile."""
+    """2 emulated nodes x 1 task. USR1 mid-run -> checkpoint, exit 75, requeue; then a 2-minute time limit
+    (USR1 80 s before it) -> the same; the third start finishes. Job name and run directory are hostile."""
     reference = tmp_path / "reference"
     ref = subprocess.Popen(train_command(reference, prepared, *COMMON), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -79,13 +89,17 @@ def test_preemption_and_time_limit_requeue_and_match_an_uninterrupted_run(slurm_
     shown = subprocess.run(["squeue", "-h", "-j", job, "-o", "%j"], capture_output=True, text=True).stdout.strip()
     assert shown == name
 
-    wait_for(lambda: (last_step(run) or (0,))[0] >= 30, "step 30 in the job log", timeout=180)
+    why = lambda: diagnosis(run, job)  # noqa: E731
+    wait_for(lambda: (last_step(run) or (0,))[0] >= 30, "step 30 in the job log", timeout=180, explain=why)
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
-    wait_for(lambda: held_after_requeue(job, 1), "the requeue after USR1", timeout=120)
-    release(job, minutes=1)  # USR1 comes 55 s before the limit: during this start
-    wait_for(lambda: held_after_requeue(job, 2), "the requeue before the time limit", timeout=180)
+    wait_for(lambda: held_after_requeue(job, 1), "the requeue after USR1", timeout=120, explain=why)
+    # Slurm looks at limits every 30 s and signals once `now + 30 s + grace >= end`: with 2 minutes and a grace of
+    # 80 s, USR1 comes 10 to 40 s into this start, when the ranks run and long before step 400. (With 1 minute and
+    # 55 s, it could come in the first second, before srun had started the ranks, and be lost: seen in CI.)
+    release(job, minutes=2)
+    wait_for(lambda: held_after_requeue(job, 2), "the requeue before the time limit", timeout=180, explain=why)
     release(job, minutes=10)
-    wait_for(lambda: (run / "slurm" / "DONE").exists(), "the third start to finish", timeout=300)
+    wait_for(lambda: (run / "slurm" / "DONE").exists(), "the third start to finish", timeout=300, explain=why)
     assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
 
     assert history(run) == [

@@ -97,6 +97,7 @@ def test_hostile_values_come_out_quoted_and_harmless(tmp_path):
         ("slurm.job_name=bad\\name", "slurm.job_name"),
         ("slurm.partition=gpu;rm", "slurm.partition"),
         ("slurm.time=tomorrow", "slurm.time"),
+        ("slurm.time=2", "slurm.signal_grace_s=120"),  # the warning could come before the ranks start
         ("slurm.nodes=3", "parallel.nproc=4"),
         ("slurm.env={'BAD-NAME': 'x'}", "slurm.env"),
     ],
