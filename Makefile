@@ -16,7 +16,7 @@ $(STAMP): constraints.txt setup.py
 	$(PY) -m pip install -q -c constraints.txt torch
 	$(PY) -m pip install -q -c constraints.txt megatron-core psutil webdataset sentencepiece tensorboard \
 		pydantic PyYAML tqdm datasketch zstandard numpy safetensors pytest pytest-timeout hjson ninja msgpack \
-		einops py-cpuinfo transformers
+		einops py-cpuinfo transformers lm-eval
 	$(PY) -m pip install -q --no-build-isolation -c constraints.txt deepspeed
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	rm -f $(VENV)/.installed-*

@@ -26,6 +26,10 @@ setup(
         "numpy>=1.26",
         "safetensors>=0.4",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "hf": ["transformers>=4.45"],
+        "harness": ["lm-eval>=0.4.5,<0.5"],
+    },
     entry_points={"console_scripts": ["shardforge=launcher.cli:main"]},
 )

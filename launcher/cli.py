@@ -7,11 +7,12 @@ Each command is a small function taking the parsed arguments; heavy imports happ
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from launcher.errors import EXIT_INTEGRITY, EXIT_OK, ShardforgeError
+from launcher.errors import EXIT_INTEGRITY, EXIT_OK, ConfigError, ShardforgeError
 
 
 def _load(args: argparse.Namespace):
@@ -198,6 +199,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_harness(args: argparse.Namespace) -> int:
+    try:
+        from training.harness import run_harness
+    except ImportError as e:
+        raise ConfigError(
+            f"the lm-eval harness is not installed ({e})", fix="pip install -c constraints.txt lm-eval (make test does)"
+        ) from None
+    from lm_eval.utils import make_table
+
+    from training.consolidate import run_config
+
+    result = run_harness(args.checkpoint, args.tasks, args.include, args.limit, args.data)
+    print(make_table(result))
+    out = Path(args.out) if args.out else Path(run_config(args.checkpoint)["run_dir"]) / "eval" / "harness.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({k: result[k] for k in ("results", "versions", "n-shot", "config") if k in result},
+                              indent=1, default=str))  # fmt: skip
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from training.decode import Sampling, generate, stream_text
     from training.evaluate import load_model
@@ -271,6 +293,14 @@ def _add_model_parsers(sub) -> None:
     p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples")
     p.add_argument("--out", help="result JSON (default: RUN_DIR/eval/eval_step_N.json)")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("harness", help="run lm-eval harness tasks on a checkpoint (model 'shardforge')")
+    p.add_argument("--checkpoint", required=True, help="a step_N folder, a checkpoint root or a consolidated folder")
+    p.add_argument("--tasks", nargs="+", required=True, help="lm-eval task names")
+    p.add_argument("--include", help="a folder of lm-eval task YAMLs (then only those are indexed)")
+    p.add_argument("--limit", type=int, default=None, help="at most N documents per task")
+    p.add_argument("--data", help="dataset folder holding the tokenizer (default: the checkpoint's config)")
+    p.add_argument("--out", help="result JSON (default: CHECKPOINT/harness.json)")
+    p.set_defaults(func=cmd_harness)
     p = sub.add_parser("generate", help="sample text from a checkpoint (KV cache, streamed)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--prompt", required=True)
@@ -388,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="dataset directory holding manifest.json")
     p.set_defaults(func=cmd_data_verify)
 
-    p = sub.add_parser("train", help="train a model (spawns parallel.nproc local ranks through torchrun)")
+    p = sub.add_parser("train", help="train a model (spawns parallel.nproc local ranks)")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 

@@ -51,7 +51,6 @@ def main() -> int:
         shutil.rmtree(stale, ignore_errors=True)
     shardforge("data", "prepare", "-c", CONFIG)
     rc = train_interrupted(cfg, cfg.train.max_steps // 2)
-    # torchrun reports the ranks' requeue exit as a child failure on stderr; that is expected here
     if rc != EXIT_REQUEUE:
         print(f"quickstart: expected the requeue exit code {EXIT_REQUEUE} after SIGTERM, got {rc}")
         return 1

@@ -1,4 +1,10 @@
-"""Local process spawning: ``shardforge train`` with ``parallel.nproc=N`` starts N ranks through torchrun."""
+"""Local process spawning: ``shardforge train`` with ``parallel.nproc=N`` starts N ranks on this host.
+
+On one host the ranks are started directly, with the environment torchrun gives its workers (``RANK``,
+``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``): a torchrun process in between only added its own
+start-up (about 2 s of importing torch before any rank starts). Under a Slurm step with ``slurm.launch=torchrun``,
+one torchrun per node starts that node's ranks and meets the other nodes' torchruns.
+"""
 
 from __future__ import annotations
 
@@ -48,16 +54,79 @@ def per_node_step() -> bool:
 
 
 def run_ranks(module: str, cfg: RunConfig, config_path: str, overrides: list[str]) -> int:
-    """Run ``module`` once per rank: in this process for one rank, else through torchrun; return its exit code."""
+    """Run ``module`` once per rank: in this process's child for one rank, as a local group of ranks on one host,
+    through torchrun for one node of a multi-node Slurm step; return the exit code."""
     env = dict(os.environ)  # DeepSpeed's accelerator is chosen per rank (launcher.train): cuda if present, else cpu
+    cmd = [sys.executable, "-m", module, "-c", config_path, *overrides]
     if cfg.parallel.nproc == 1 or (under_launcher() and not per_node_step()):
-        return call_forwarding_signals([sys.executable, "-m", module, "-c", config_path, *overrides], env)
+        return call_forwarding_signals(cmd, env)
     env.setdefault("OMP_NUM_THREADS", "1")
-    for var in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):  # ranks come from torchrun here
+    for var in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):  # ranks come from the launcher here
         env.pop(var, None)
+    if not per_node_step():
+        return run_local_group(cmd, env, cfg.parallel.nproc)
     started = time.time()
     rc = call_forwarding_signals(torchrun_command(module, config_path, overrides, cfg.parallel.nproc), env)
     return _requeue_code(rc, Path(cfg.run_dir) / "train_result.json", started)
+
+
+def rank_env(env: dict, rank: int, nproc: int, port: int) -> dict:
+    """The environment torchrun gives rank ``rank`` of ``nproc`` on one host."""
+    return {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+
+
+def run_local_group(cmd: list[str], env: dict, nproc: int, grace_s: float = 30.0) -> int:
+    """``nproc`` copies of ``cmd`` on this host, one per rank. SIGTERM, SIGINT and SIGUSR1 go to every rank. When
+    a rank fails, the others get SIGTERM and, ``grace_s`` later, SIGKILL (as torchrun does); a rank also dies
+    with this process. Exit code: 0 when every rank succeeded, else the first failing rank's (a rank killed by
+    signal S counts as 128 + S)."""
+    port = free_port()
+    procs = [subprocess.Popen(cmd, env=rank_env(env, r, nproc, port), preexec_fn=_die_with_parent)
+             for r in range(nproc)]  # fmt: skip
+
+    def forward(signum, frame) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    forwarded = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    previous = {sig: signal.signal(sig, forward) for sig in forwarded}
+    try:
+        return _wait_group(procs, grace_s)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _wait_group(procs: list[subprocess.Popen], grace_s: float) -> int:
+    failure, deadline = None, None
+    while None in [p.poll() for p in procs]:  # a list: every rank polled each round
+        if failure is None:
+            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+            if failed:
+                failure, deadline = failed[0], time.time() + grace_s
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+        elif time.time() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(0.05)
+    if failure is None:
+        failure = next((p.returncode for p in procs if p.returncode), 0)
+    return 128 - failure if failure < 0 else failure
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL this rank when its spawning process dies (Linux prctl)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _ignore_usr1() -> None:

@@ -1,6 +1,6 @@
 """Per-rank training entry point: parse, build, train, close (``python -m launcher.train -c FILE [k=v ...]``).
 
-``shardforge train`` runs this directly for one process, or spawns ``parallel.nproc`` copies through torchrun;
+``shardforge train`` runs this directly for one process, or spawns ``parallel.nproc`` copies (launcher.spawn);
 under ``srun`` each task runs it with its rank taken from Slurm's variables. Exit codes: 0 done, 2 user error,
 3 integrity error, 75 checkpointed before the end, after SIGTERM/SIGUSR1 or at ``train.exit_interval``
 (please requeue: a Slurm job requeues itself on 75, a ``--chain`` job leaves the rest to the next one).

@@ -7,7 +7,8 @@ SentencePiece's dummy-prefix space at the start of a document; so models with di
 
 Multiple-choice tasks (JSONL lines ``{"context": str, "choices": [str, ...], "answer": int}``, the HellaSwag/ARC
 shape) are scored by log-likelihood: ``acc`` takes the choice with the highest summed log-probability of its
-tokens after the context, ``acc_norm`` divides that by the choice's length in bytes (as lm-eval does).
+tokens after the context, ``acc_norm`` divides that by the choice's length in UTF-8 bytes (lm-eval's
+``acc_bytes``). The scoring functions here are the ones the lm-eval adapter (``training/harness.py``) calls.
 """
 
 from __future__ import annotations
@@ -121,16 +122,51 @@ def read_tasks(path: str | Path) -> list[dict]:
     return items
 
 
+def encode_pair(sp, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context ids, after the end-of-document token that every training document follows, and continuation ids,
+    split as lm-eval splits them: the context's trailing spaces move to the continuation, and the whole text is
+    encoded at once, so the tokens at the seam are those the model saw in training (at least one continuation
+    token when the continuation is not empty)."""
+    spaces = len(context) - len(context.rstrip(" "))
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = sp.encode(context + continuation)
+    n = len(sp.encode(context)) if context else 0
+    n = min(n, len(whole) - 1) if continuation else len(whole)
+    return [EOS_ID, *whole[:n]], whole[n:]
+
+
+def continuation_log_prob(model: LoadedModel, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+    """Summed log-probability of ``cont`` after ``ctx`` (the input left-truncated to the context window), and
+    whether greedy decoding would produce exactly ``cont``."""
+    if not cont:
+        return 0.0, True
+    ids = (ctx + cont)[-(model.cfg.data.seq_length + 1) :]
+    logits, _ = model.decoder(torch.tensor([ids[:-1]]))
+    logits = logits[0, -len(cont) :]
+    lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(cont)[:, None])
+    greedy = bool((logits[:, : model.vocab].argmax(-1) == torch.tensor(cont)).all())
+    return float(lp.sum()), greedy
+
+
+def rolling_log_prob(model: LoadedModel, text: str, window: int | None = None) -> tuple[float, int]:
+    """Log-probability of a whole document after the end-of-document token, and its token count: every token is
+    predicted once, in windows of at most ``window`` input tokens, the last window with a full context (lm-eval's
+    ``loglikelihood_rolling``)."""
+    window = window or model.cfg.data.seq_length
+    seq = [EOS_ID, *model.sp.encode(text)]
+    total = 0.0
+    for start in range(0, len(seq) - 1, window):  # predict seq[start + 1 : end + 1]
+        end = min(start + window, len(seq) - 1)
+        inputs = seq[max(0, end - window) : end + 1]
+        lp = token_log_probs(model.decoder, torch.tensor([inputs]))[0]
+        total += float(lp[-(end - start) :].sum())
+    return total, len(seq) - 1
+
+
 def choice_log_likelihoods(model: LoadedModel, context: str, choices: list[str]) -> list[float]:
-    """Summed log-probability of each choice's tokens after the context (left-truncated to the context window)."""
-    ctx = model.sp.encode(context)
-    out = []
-    for choice in choices:
-        cont = model.sp.encode(choice)
-        ids = (ctx + cont)[-(model.cfg.data.seq_length + 1) :]
-        lp = token_log_probs(model.decoder, torch.tensor([ids]))[0]
-        out.append(float(lp[-len(cont) :].sum()))
-    return out
+    """Summed log-probability of each choice's tokens after the context (see :func:`encode_pair`)."""
+    return [continuation_log_prob(model, *encode_pair(model.sp, context, c))[0] for c in choices]
 
 
 def multiple_choice(model: LoadedModel, path: str | Path) -> dict:

@@ -151,7 +151,7 @@ def test_sigterm_checkpoints_exits_with_the_requeue_code_and_resumes(prepared, t
 
 
 def _kill_random_rank(proc: subprocess.Popen, rng: random.Random) -> str:
-    """SIGKILL one random training rank of a running job (torchrun tears the others down), else the whole job."""
+    """SIGKILL one random training rank of a running job (the spawner tears the others down), else the whole job."""
     import psutil
 
     try:
