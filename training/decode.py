@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from launcher.config import ModelConfig
 
 
-def _norm(x: torch.Tensor, w: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
+def _norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, kind: str, eps: float) -> torch.Tensor:
     if kind == "RMSNorm":
         return F.rms_norm(x, (x.shape[-1],), w, eps)
-    return F.layer_norm(x, (x.shape[-1],), w, torch.zeros_like(w), eps)
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)  # LayerNorm's bias is trained like its weight
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -112,6 +112,10 @@ class Decoder:
             h = F.gelu(h)
         return self._linear(h, pre + "linear_fc2.weight")
 
+    def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        w = self.w
+        return _norm(x, w[name + ".weight"], w.get(name + ".bias"), self.m.normalization, self.m.norm_eps)
+
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, cache: list | None = None) -> tuple[torch.Tensor, list]:
         m, w = self.m, self.w
@@ -125,14 +129,12 @@ class Decoder:
         new_cache = []
         for i in range(m.num_layers):
             pre = f"{i + 1}.layer."
-            a, layer_cache = self._attention(
-                _norm(x, w[pre + "input_layernorm.weight"], m.normalization, m.norm_eps),
-                i, pos, None if cache is None else cache[i],
-            )  # fmt: skip
+            a, layer_cache = self._attention(self._norm(x, pre + "input_layernorm"), i, pos,
+                                             None if cache is None else cache[i])  # fmt: skip
             x = x + a
-            x = x + self._mlp(_norm(x, w[pre + "pre_mlp_layernorm.weight"], m.normalization, m.norm_eps), i)
+            x = x + self._mlp(self._norm(x, pre + "pre_mlp_layernorm"), i)
             new_cache.append(layer_cache)
-        x = _norm(x, w[f"{m.num_layers + 1}.final_layernorm.weight"], m.normalization, m.norm_eps)
+        x = self._norm(x, f"{m.num_layers + 1}.final_layernorm")
         head = "0.embedding.word_embeddings.weight" if m.tie_embeddings else f"{m.num_layers + 2}.output_layer.weight"
         return self._linear(x, head), new_cache
 

@@ -1,8 +1,11 @@
 """Per-rank helper for tests: build the megatron-core GPT for a config (any TP, PP=1), run one batch, and have
-rank 0 save the full-vocabulary logits (B, T, V) to a .pt file. Run with torchrun or as one process."""
+rank 0 save the full-vocabulary logits (B, T, V) to a .pt file. Run with torchrun or as one process.
+With LOGITS_WORKER_PERTURB=1 (one process), every parameter is first moved off its init (LayerNorm biases too), and
+the weights are saved beside the logits (OUT.weights)."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -22,6 +25,12 @@ def main(config: str, vocab: int, tokens_file: str, out_file: str, *overrides: s
         model = parts.build_sequential()
         parts.init_weights(model, layout)
         model.eval()
+        if os.environ.get("LOGITS_WORKER_PERTURB") == "1":
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * 0.1)
+            weights = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+            torch.save(weights, out_file + ".weights")  # (megatron adds non-tensor _extra_state entries)
         tokens = torch.load(tokens_file, weights_only=True)
         with torch.no_grad():
             logits = model(tokens)  # [S, B, V/tp]

@@ -52,14 +52,14 @@ def _hf_logits(model_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits
 
 
-def _shardforge_logits(tmp: Path, tokens: torch.Tensor, tp: int, *overrides: str) -> torch.Tensor:
+def _shardforge_logits(tmp: Path, tokens: torch.Tensor, tp: int, *overrides: str, env=ENV) -> torch.Tensor:
     tok_file, out = tmp / f"tokens{tp}.pt", tmp / f"logits{tp}.pt"
     torch.save(tokens, tok_file)
     worker = [str(REPO / "tests/training/logits_worker.py"), "configs/tiny.yaml", "512", str(tok_file), str(out)]
     args = [*worker, *layout_args(tp=tp), *overrides]
     port = f"--master_port={free_port()}"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={tp}", port, *args]
-    r = subprocess.run(cmd if tp > 1 else [sys.executable, *args], cwd=REPO, env=ENV, capture_output=True,
+    r = subprocess.run(cmd if tp > 1 else [sys.executable, *args], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=180)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(out, weights_only=True)
@@ -80,6 +80,23 @@ def test_import_matches_transformers_logits(hf_llama, tmp_path, tp):
         m = load_config(REPO / "configs/tiny.yaml", GQA).model
         logits, _ = Decoder(load_init_weights(f"hf:{hf_llama}", m, 512), m)(tokens)
         assert (logits - ours).abs().max() < 1e-5
+
+
+def test_decoder_matches_megatron_with_layernorm_gelu_learned_positions_and_tied_embeddings(tmp_path):
+    """The eval/generate decoder on the options a Llama does not use, every weight moved off its init (so a
+    LayerNorm bias left out shows)."""
+    from launcher.config import load_config
+    from training.decode import Decoder
+
+    options = ["model.normalization=LayerNorm", "model.activation=gelu", "model.position_embedding=learned",
+               "model.tie_embeddings=true"]  # fmt: skip
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
+    megatron = _shardforge_logits(tmp_path, tokens, 1, *options, env={**ENV, "LOGITS_WORKER_PERTURB": "1"})
+    weights = torch.load(tmp_path / "logits1.pt.weights", weights_only=True)
+    assert any(k.endswith("layernorm.bias") and v.abs().max() > 0.01 for k, v in weights.items())
+    m = load_config(REPO / "configs/tiny.yaml", options).model
+    ours, _ = Decoder(weights, m)(tokens)
+    assert (ours - megatron).abs().max() < 1e-5
 
 
 def test_import_refuses_a_missing_or_mismatched_folder(hf_llama, prepared, tmp_path):
