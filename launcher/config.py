@@ -129,7 +129,10 @@ class ModelConfig(Section):
     """None: 4 x hidden_size (GELU) or 8/3 x hidden_size rounded to 64 (SwiGLU)."""
     position_embedding: Literal["rope", "learned"] = "rope"
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
-    activation: Literal["swiglu", "gelu"] = "swiglu"
+    activation: Literal["swiglu", "gelu", "gelu_tanh"] = "swiglu"
+    """swiglu (Llama), gelu (exact), or gelu_tanh (the tanh approximation of GPT-2's "gelu_new")."""
+    bias: bool = False
+    """Biases in the blocks' linear layers (q/k/v, attention output, both MLP layers), as GPT-2 has."""
     tie_embeddings: bool = False
     attention: Literal["sdpa", "megatron"] = "sdpa"
     """Core attention: torch's fused scaled_dot_product_attention, or megatron-core's local one."""
@@ -140,7 +143,7 @@ class ModelConfig(Section):
     """RoPE base frequency (Hugging Face's rope_theta)."""
     init_std: float = Field(0.02, gt=0)
     init_from: str | None = None
-    """Start from other weights: ``hf:DIR`` (a local Hugging Face Llama folder) or ``ckpt:DIR`` (a Shardforge
+    """Start from other weights: ``hf:DIR`` (a local Hugging Face Llama or GPT-2 folder) or ``ckpt:DIR`` (a Shardforge
     checkpoint, a step_N folder or a root; weights only: a fresh optimizer, schedule and step count)."""
 
     @model_validator(mode="after")

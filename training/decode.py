@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from launcher.config import ModelConfig
+from training.gpt import activation_function
 
 
 def _norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, kind: str, eps: float) -> torch.Tensor:
@@ -43,6 +44,7 @@ class Decoder:
         self.max_positions = max_positions
         self.quantized: dict = {}  # name -> quantized module, after quantize_dynamic()
         self.lora_scale = lora_scale  # unmerged LoRA adapters (<linear>.lora_A / .lora_B) are applied with it
+        self.act = activation_function(m.activation)
         if m.position_embedding == "rope":
             inv = 1.0 / (m.rope_base ** (torch.arange(0, self.d, 2, dtype=torch.float32) / self.d))
             freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv)
@@ -54,6 +56,9 @@ class Decoder:
         if key in self.quantized:
             return self.quantized[key](x)
         out = x @ self.w[name].T
+        bias = self.w.get(name.replace(".weight", ".bias"))
+        if bias is not None:
+            out = out + bias
         a = self.w.get(name.replace(".weight", ".lora_A"))
         if a is not None:
             out = out + (x @ a.T) @ self.w[name.replace(".weight", ".lora_B")].T * self.lora_scale
@@ -75,8 +80,11 @@ class Decoder:
 
         mods = nn.ModuleDict()
         for name in self.linear_names():
-            lin = nn.Linear(self.w[name].shape[1], self.w[name].shape[0], bias=False)
+            bias = self.w.get(name.replace(".weight", ".bias"))
+            lin = nn.Linear(self.w[name].shape[1], self.w[name].shape[0], bias=bias is not None)
             lin.weight.data.copy_(self.w[name])
+            if bias is not None:
+                lin.bias.data.copy_(bias)
             mods[name.replace(".", "/")] = lin
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao's quantized tensors are marked deprecated in torch 2.13
@@ -109,7 +117,7 @@ class Decoder:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h)
+            h = self.act(h)
         return self._linear(h, pre + "linear_fc2.weight")
 
     def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:

@@ -14,7 +14,8 @@ DEVICES_FILE = Path(__file__).resolve().parents[1] / "parallelism" / "devices.js
 
 
 def gpt_parameter_count(m: ModelConfig, vocab_size: int, seq_length: int) -> int:
-    """Exact parameter count of the GPT built by ``training.gpt`` (no biases; norms have weight, +bias for LN)."""
+    """Exact parameter count of the GPT built by ``training.gpt`` (norms have weight, +bias for LN; linear biases
+    with ``model.bias``)."""
     h, layers, v = m.hidden_size, m.num_layers, padded_vocab(vocab_size)
     heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
     kv = h // heads
@@ -24,6 +25,8 @@ def gpt_parameter_count(m: ModelConfig, vocab_size: int, seq_length: int) -> int
     ffn = ffn_size(m)
     mlp = h * ffn * (2 if m.activation == "swiglu" else 1) + ffn * h
     per_layer = 2 * norm + qkv + proj + mlp
+    if m.bias:  # q/k/v, attention output, MLP input (two halves when gated) and output
+        per_layer += heads * kv + 2 * groups * kv + h + ffn * (2 if m.activation == "swiglu" else 1) + h
     embed = v * h + (seq_length * h if m.position_embedding == "learned" else 0)
     head = 0 if m.tie_embeddings else v * h
     return embed + layers * per_layer + norm + head

@@ -29,11 +29,19 @@ def ffn_size(m: ModelConfig) -> int:
     return 4 * m.hidden_size
 
 
+def activation_function(name: str):
+    """The MLP's activation for ``model.activation`` (shared with the decoder, so both compute the same)."""
+    import functools
+
+    import torch.nn.functional as F
+
+    return {"swiglu": F.silu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}[name]
+
+
 def transformer_config(
     m: ModelConfig, tp: int, precision: str = "fp32", recompute: str = "none", sequence_parallel: bool = False
 ):
     """megatron-core's TransformerConfig for ``m`` at tensor-parallel size ``tp`` (pipeline placement is ours)."""
-    import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -45,8 +53,8 @@ def transformer_config(
         ffn_hidden_size=ffn_size(m),
         normalization=m.normalization,
         gated_linear_unit=m.activation == "swiglu",
-        activation_func=F.silu if m.activation == "swiglu" else F.gelu,
-        add_bias_linear=False,
+        activation_func=activation_function(m.activation),
+        add_bias_linear=m.bias,
         layernorm_epsilon=m.norm_eps,
         hidden_dropout=m.dropout,
         attention_dropout=m.dropout,

@@ -6,7 +6,8 @@ grouped per key/value head: for each of ``g`` groups, ``heads/g`` query heads, t
 same rotate-half RoPE as Hugging Face's Llama, so no permutation of q/k rows is needed. The vocabulary is padded to
 a multiple of 128 inside Shardforge; the padding rows are dropped on export and zero-filled on import.
 
-Only safetensors files are read (no pickle): a folder with only ``pytorch_model.bin`` is refused.
+GPT-2 folders are imported by ``training.hf_gpt2``. Only safetensors files are read (no pickle): a folder with
+only ``pytorch_model.bin`` is refused.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def check_llama_style(m: ModelConfig) -> None:
             ("model.normalization", m.normalization, "RMSNorm"),
             ("model.activation", m.activation, "swiglu"),
             ("model.position_embedding", m.position_embedding, "rope"),
+            ("model.bias", m.bias, False),
         ]
         if v != want
     ]
@@ -149,7 +151,7 @@ def check_matches(hf: dict, m: ModelConfig, vocab: int, source: str) -> None:
     """Refuse a Hugging Face config that differs from ``model`` (and the data's vocabulary), naming the key."""
     check_llama_style(m)
     if hf.get("model_type") != "llama":
-        raise ConfigError(f"{source}: model_type={hf.get('model_type')!r}; only Llama-style models are imported")
+        raise ConfigError(f"{source}: model_type={hf.get('model_type')!r}; Llama and GPT-2 models are imported")
     theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
     heads, groups, _ = _sizes(m)
     checks = [
@@ -198,14 +200,20 @@ def from_llama(hf: dict[str, torch.Tensor], m: ModelConfig, vocab: int) -> dict[
     return out
 
 
-def load_init_weights(spec: str, m: ModelConfig, vocab: int) -> dict[str, torch.Tensor]:
-    """``model.init_from``: ``hf:DIR`` -> full Shardforge weights, checked against the config."""
+def load_init_weights(spec: str, m: ModelConfig, vocab: int, seq_length: int = 0) -> dict[str, torch.Tensor]:
+    """``model.init_from``: ``hf:DIR`` (Llama or GPT-2) -> full Shardforge weights, checked against the config."""
     if not spec.startswith("hf:"):
         raise ConfigError(f"model.init_from={spec!r} is not understood", fix="write hf:DIR or ckpt:DIR")
     path = spec[3:]
     if not Path(path).is_dir():
         raise ConfigError(f"model.init_from: '{path}' does not exist", fix="give a local Hugging Face model folder")
     hf_cfg, tensors = read_hf_dir(path)
+    if hf_cfg.get("model_type") == "gpt2":
+        from training.hf_gpt2 import check_gpt2_matches, from_gpt2
+
+        seq_length = seq_length or hf_cfg.get("n_positions", 1024)
+        check_gpt2_matches(hf_cfg, m, vocab, seq_length, f"{path}/config.json")
+        return from_gpt2(tensors, m, vocab, seq_length)
     check_matches(hf_cfg, m, vocab, f"{path}/config.json")
     return from_llama(tensors, m, vocab)
 

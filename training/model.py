@@ -49,7 +49,8 @@ def model_parts(cfg: RunConfig, vocab_size: int) -> ModelParts:
 
     def _init_weights(model: nn.Module, layout: Layout) -> None:
         if m.init_from:  # fine-tuning / transfer: start from a checkpoint or a Hugging Face model, at any layout
-            load_full_parameters(model, initial_weights(m.init_from, m, vocab_size), layout.tp, layout.tp_rank, gated)
+            full = initial_weights(m.init_from, m, vocab_size, cfg.data.seq_length)
+            load_full_parameters(model, full, layout.tp, layout.tp_rank, gated)
             if cfg.train.keep_sparsity:
                 keep_zeros(model)
             return
@@ -58,7 +59,7 @@ def model_parts(cfg: RunConfig, vocab_size: int) -> ModelParts:
     return ModelParts(specs=specs, loss_fn=loss_fn, build_sequential=build, init_weights=init_weights)
 
 
-def initial_weights(spec: str, m, vocab_size: int) -> dict:
+def initial_weights(spec: str, m, vocab_size: int, seq_length: int = 0) -> dict:
     """``model.init_from``: ``ckpt:DIR`` (a Shardforge checkpoint, any layout; weights only) or ``hf:DIR``."""
     if spec.startswith("ckpt:"):
         from training.consolidate import full_weights
@@ -67,7 +68,7 @@ def initial_weights(spec: str, m, vocab_size: int) -> dict:
         return tensors  # shapes are checked tensor by tensor when they are loaded
     from training.hf import load_init_weights
 
-    return load_init_weights(spec, m, vocab_size)
+    return load_init_weights(spec, m, vocab_size, seq_length)
 
 
 def keep_zeros(model: nn.Module) -> int:

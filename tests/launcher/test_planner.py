@@ -25,6 +25,8 @@ SMALL = [
         "position_embedding": "learned",
     },
     {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "tie_embeddings": True},
+    {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2, "bias": True},
+    {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "activation": "gelu_tanh", "bias": True},
 ]
 
 COUNT = """

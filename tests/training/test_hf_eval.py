@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import REPO, TRAIN_ENV, layout_args, shardforge_train
 
+from launcher.errors import ConfigError
 from launcher.spawn import free_port
 
 ENV = {**os.environ, **TRAIN_ENV}
@@ -40,6 +41,27 @@ def hf_llama(tmp_path_factory) -> Path:
     for p in model.parameters():  # norms away from 1, so a mix-up of norm weights shows
         p.data.add_(torch.randn_like(p) * 0.05)
     out = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    model.save_pretrained(out)
+    return out
+
+
+# configs/tiny.yaml as a GPT-2
+GPT2 = ["model.normalization=LayerNorm", "model.activation=gelu_tanh", "model.position_embedding=learned",
+        "model.bias=true", "model.tie_embeddings=true"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2(tmp_path_factory) -> Path:
+    """A tiny randomly initialized GPT-2 (biases, LayerNorm, learned positions, tied embeddings), by transformers."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=512, n_positions=64, n_embd=64, n_layer=4, n_head=4, n_inner=128,
+                        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    model = GPT2LMHeadModel(config)
+    for p in model.parameters():  # biases and norms away from 0 and 1, so a mix-up shows
+        p.data.add_(torch.randn_like(p) * 0.05)
+    out = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
     model.save_pretrained(out)
     return out
 
@@ -80,6 +102,24 @@ def test_import_matches_transformers_logits(hf_llama, tmp_path, tp):
         m = load_config(REPO / "configs/tiny.yaml", GQA).model
         logits, _ = Decoder(load_init_weights(f"hf:{hf_llama}", m, 512), m)(tokens)
         assert (logits - ours).abs().max() < 1e-5
+
+
+def test_gpt2_import_matches_transformers_logits_at_tp2(hf_gpt2, tmp_path):
+    from launcher.config import load_config
+    from training.decode import Decoder
+    from training.hf import load_init_weights
+
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(3))
+    ours = _shardforge_logits(tmp_path, tokens, 2, f"model.init_from=hf:{hf_gpt2}", *GPT2)
+    theirs = _hf_logits(hf_gpt2, tokens)
+    assert ours.shape == theirs.shape == (2, 24, 512)
+    assert (ours - theirs).abs().max() < 1e-4
+    m = load_config(REPO / "configs/tiny.yaml", GPT2).model
+    logits, _ = Decoder(load_init_weights(f"hf:{hf_gpt2}", m, 512, 64), m)(tokens)
+    assert (logits - ours).abs().max() < 1e-5
+    wrong = load_config(REPO / "configs/tiny.yaml", [*GPT2, "model.activation=gelu"]).model
+    with pytest.raises(ConfigError, match=r"needs model\.activation=gelu_tanh"):
+        load_init_weights(f"hf:{hf_gpt2}", wrong, 512, 64)
 
 
 def test_decoder_matches_megatron_with_layernorm_gelu_learned_positions_and_tied_embeddings(tmp_path):
