@@ -33,19 +33,16 @@ def under_launcher() -> bool:
 
 
 def torchrun_command(module: str, config_path: str, overrides: list[str], nproc: int) -> list[str]:
-    """torchrun for ``nproc`` ranks: on this host alone, or (under a per-node Slurm step) one node of many."""
-    nodes = ["--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
-    if per_node_step():
-        nnodes = int(os.environ["SLURM_NNODES"])
-        nproc //= nnodes
-        nodes = [
-            f"--nnodes={nnodes}",
-            f"--node_rank={os.environ['SLURM_NODEID']}",
-            f"--master_addr={os.environ['MASTER_ADDR']}",
-            f"--master_port={os.environ['MASTER_PORT']}",
-        ]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *nodes, "-m", module,
-            "-c", config_path, *overrides]  # fmt: skip
+    """torchrun for this node's share of ``nproc`` ranks, in a Slurm step that runs one torchrun per node."""
+    nnodes = int(os.environ["SLURM_NNODES"])
+    nodes = [
+        f"--nnodes={nnodes}",
+        f"--node_rank={os.environ['SLURM_NODEID']}",
+        f"--master_addr={os.environ['MASTER_ADDR']}",
+        f"--master_port={os.environ['MASTER_PORT']}",
+    ]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc // nnodes}", *nodes, "-m",
+            module, "-c", config_path, *overrides]  # fmt: skip
 
 
 def per_node_step() -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from launcher.errors import ConfigError
 from training.decode import Sampling, generate
 from training.evaluate import EOS_ID, continuation_log_prob, encode_pair, load_model, rolling_log_prob
 
@@ -29,7 +30,11 @@ class ShardforgeLM(LM):
     def __init__(self, checkpoint: str, data: str | None = None, max_length: int | None = None, **_ignored) -> None:
         super().__init__()
         self.model = load_model(checkpoint, data)
-        self.max_length = int(max_length or self.model.cfg.data.seq_length)
+        seq = self.model.cfg.data.seq_length
+        self.max_length = int(max_length or seq)
+        if self.model.cfg.model.position_embedding == "learned" and self.max_length > seq:
+            raise ConfigError(f"max_length={self.max_length}: this model learned positions up to {seq}",
+                              fix=f"use max_length <= {seq}")  # fmt: skip
 
     @property
     def tokenizer_name(self) -> str:
@@ -62,7 +67,8 @@ class ShardforgeLM(LM):
             seed=int(kwargs.get("seed") or 0),
         )
         sp = self.model.sp
-        prompt = [EOS_ID, *sp.encode(context)][-self.max_length :]
+        room = max(self.max_length - sampling.max_new_tokens, 1)  # the prompt's end and the answer fit the window
+        prompt = [EOS_ID, *sp.encode(context)][-room:]
         done: list[int] = []
         for token in generate(self.model.decoder, prompt, self.model.vocab, sampling, stop=sp.eos_id()):
             if token == sp.eos_id():
