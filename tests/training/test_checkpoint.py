@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,8 +38,21 @@ def train(run: Path, prepared: Path, steps: int = 10, extra=(), expect: int = 0)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(prepared, tmp_path_factory):
-    return train(tmp_path_factory.mktemp("full") / "run", prepared)
+def full_run(prepared, tmp_path_factory) -> Path:
+    """10 steps on one rank, a checkpoint every 5: the reference losses, and a run to copy and damage."""
+    run = tmp_path_factory.mktemp("full") / "run"
+    train(run, prepared)
+    return run
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(full_run) -> dict:
+    return json.loads((full_run / "train_result.json").read_text())
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to)
+    return to
 
 
 def test_resume_on_the_same_layout_is_bitwise_exact(prepared, tmp_path):
@@ -77,9 +91,8 @@ def test_resume_onto_another_layout_continues_the_losses(before, after, prepared
     assert state["loader"]["position"] == 80  # the global data position carried over
 
 
-def test_corrupt_or_partial_checkpoints_are_skipped_and_named(prepared, tmp_path, capsys):
-    run = tmp_path / "run"
-    train(run, prepared)
+def test_corrupt_or_partial_checkpoints_are_skipped_and_named(prepared, full_run, tmp_path, capsys):
+    run = copy_run(full_run, tmp_path / "run")
     root = run / "checkpoints"
     newest = root / "step_00000010"
     model = next((newest / "model").glob("*.safetensors"))
@@ -105,10 +118,9 @@ def test_corrupt_or_partial_checkpoints_are_skipped_and_named(prepared, tmp_path
     assert cli.returncode == EXIT_INTEGRITY and model.name in cli.stdout
 
 
-def test_a_checkpoint_of_another_model_shape_is_refused(prepared, tmp_path):
-    run = tmp_path / "run"
-    train(run, prepared, steps=5)
-    r = train(run, prepared, steps=10, extra=["model.ffn_hidden_size=192"], expect=EXIT_INTEGRITY)
+def test_a_checkpoint_of_another_model_shape_is_refused(prepared, full_run, tmp_path):
+    run = copy_run(full_run, tmp_path / "run")
+    r = train(run, prepared, steps=15, extra=["model.ffn_hidden_size=192"], expect=EXIT_INTEGRITY)
     assert "does not fit this model" in r["stderr"] and "linear_fc1.weight" in r["stderr"]
 
 
