@@ -120,16 +120,19 @@ def test_preemption_and_time_limit_requeue_and_match_an_uninterrupted_run(slurm_
 
 
 def test_chain_of_dependent_jobs_instead_of_requeue(slurm_cluster, prepared, tmp_path):
-    """--chain 2: the first job stops at train.exit_interval (exit 75, no requeue), the second resumes."""
+    """--chain 2: the first job stops at train.exit_interval (exit 75, no requeue), the second resumes. Launched
+    as one torchrun per node (slurm.launch=torchrun), which meet across the two emulated nodes."""
     run = tmp_path / "chain"
-    first, second = submit(run, prepared, "train.max_steps=40", "train.exit_interval=20", "--chain", "2")
+    first, second = submit(run, prepared, "train.max_steps=40", "train.exit_interval=20", "slurm.launch=torchrun",
+                           "--chain", "2")  # fmt: skip
     assert scontrol_job(second)["Dependency"].startswith(f"afterany:{first}")
     wait_for(lambda: (run / "slurm" / "DONE").exists(), "the chain to finish", timeout=300)
     assert history(run) == [("0", "started"), ("0", "checkpointed: chain continues"), ("0", "started"),
                             ("0", "finished")]  # fmt: skip
     result = json.loads((run / "train_result.json").read_text())
-    assert result["start_step"] == 20 and result["steps"] == 40
-    assert "--no-requeue" in (run / "slurm" / "train.sbatch").read_text()
+    assert result["start_step"] == 20 and result["steps"] == 40 and result["layout"].startswith("tp=1 pp=1 dp=2")
+    script = (run / "slurm" / "train.sbatch").read_text()
+    assert "--no-requeue" in script and "LAUNCH=torchrun" in script
 
 
 def test_a_failing_job_is_not_requeued(slurm_cluster, prepared, tmp_path):
