@@ -299,7 +299,7 @@ def _add_model_parsers(sub) -> None:
     p.add_argument("--include", help="a folder of lm-eval task YAMLs (then only those are indexed)")
     p.add_argument("--limit", type=int, default=None, help="at most N documents per task")
     p.add_argument("--data", help="dataset folder holding the tokenizer (default: the checkpoint's config)")
-    p.add_argument("--out", help="result JSON (default: CHECKPOINT/harness.json)")
+    p.add_argument("--out", help="result JSON (default: RUN_DIR/eval/harness.json)")
     p.set_defaults(func=cmd_harness)
     p = sub.add_parser("generate", help="sample text from a checkpoint (KV cache, streamed)")
     p.add_argument("--checkpoint", required=True)

@@ -13,6 +13,8 @@ a multiple-choice task scores the same in both. Needs ``lm-eval`` (``pip install
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
@@ -95,7 +97,14 @@ def run_harness(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    if include is not None and not Path(include).is_dir():
+        raise ConfigError(f"--include '{include}' is not a folder", fix="give a folder of lm-eval task YAMLs")
     manager = TaskManager(include_path=include, include_defaults=include is None)
+    unknown = [t for t in tasks if t not in manager.all_tasks and not Path(t).is_file()]
+    if unknown:
+        where = f"the task YAMLs in '{include}'" if include else "lm-eval's built-in tasks"
+        raise ConfigError(f"lm-eval task '{unknown[0]}' is not among {where}",
+                          fix="check the name (the YAML's `task:` key) or pass --include DIR")  # fmt: skip
     args = {"checkpoint": str(checkpoint), **({"data": str(data)} if data else {})}
     return lm_eval.simple_evaluate(
         model="shardforge", model_args=args, tasks=tasks, task_manager=manager, limit=limit,

@@ -84,6 +84,8 @@ def test_lm_eval_scores_a_checkpoint_like_shardforge_eval(base_model, task_files
     nats = -sum(rolling_log_prob(model, t)[0] for t in task_files["docs"])
     nbytes = sum(len(t.encode("utf-8")) for t in task_files["docs"])
     assert math.isclose(harness["sf_code_bpb"]["bits_per_byte,none"], nats / nbytes / math.log(2), rel_tol=1e-6)
+    r = run("harness", "--checkpoint", ckpt, "--tasks", "sf_code_mcq", "--include", str(folder / "tasks"))
+    assert r.returncode == 2 and "lm-eval task 'sf_code_mcq' is not among the task YAMLs" in r.stderr
 
 
 def test_rolling_windows_and_generation_equal_direct_computations(base_model, task_files):
