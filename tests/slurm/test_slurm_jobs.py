@@ -21,7 +21,8 @@ def env() -> dict:
     return {**os.environ, **TRAIN_ENV}  # at call time: the cluster fixture sets SLURM_CONF
 
 
-STEPS = 400
+# long enough that the time-limit start (USR1 10 to 40 s in) cannot finish before it: ~18 steps/s on 2 free cores
+STEPS = 1100
 COMMON = [
     f"train.max_steps={STEPS}",
     f"train.eval_interval={STEPS}",
@@ -94,7 +95,7 @@ def test_preemption_and_time_limit_requeue_and_match_an_uninterrupted_run(slurm_
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
     wait_for(lambda: held_after_requeue(job, 1), "the requeue after USR1", timeout=120, explain=why)
     # Slurm looks at limits every 30 s and signals once `now + 30 s + grace >= end`: with 2 minutes and a grace of
-    # 80 s, USR1 comes 10 to 40 s into this start, when the ranks run and long before step 400. (With 1 minute and
+    # 80 s, USR1 comes 10 to 40 s into this start, when the ranks run and long before step 1100. (With 1 minute and
     # 55 s, it could come in the first second, before srun had started the ranks, and be lost: seen in CI.)
     release(job, minutes=2)
     wait_for(lambda: held_after_requeue(job, 2), "the requeue before the time limit", timeout=180, explain=why)
