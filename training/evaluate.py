@@ -149,9 +149,9 @@ def continuation_log_prob(model: LoadedModel, ctx: list[int], cont: list[int]) -
     return float(lp.sum()), greedy
 
 
-def rolling_log_prob(model: LoadedModel, text: str, window: int | None = None) -> tuple[float, int]:
-    """Log-probability of a whole document after the end-of-document token, and its token count: every token is
-    predicted once, in windows of at most ``window`` input tokens, the last window with a full context (lm-eval's
+def rolling_log_prob(model: LoadedModel, text: str, window: int | None = None) -> float:
+    """Log-probability of a whole document after the end-of-document token: every token is predicted once, in
+    windows of at most ``window`` input tokens, the last window with a full context (lm-eval's
     ``loglikelihood_rolling``)."""
     window = window or model.cfg.data.seq_length
     seq = [EOS_ID, *model.sp.encode(text)]
@@ -161,7 +161,7 @@ def rolling_log_prob(model: LoadedModel, text: str, window: int | None = None) -
         inputs = seq[max(0, end - window) : end + 1]
         lp = token_log_probs(model.decoder, torch.tensor([inputs]))[0]
         total += float(lp[-(end - start) :].sum())
-    return total, len(seq) - 1
+    return total
 
 
 def choice_log_likelihoods(model: LoadedModel, context: str, choices: list[str]) -> list[float]:

@@ -51,7 +51,7 @@ class ShardforgeLM(LM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        return [rolling_log_prob(self.model, req.args[0], self.max_length)[0] for req in requests]
+        return [rolling_log_prob(self.model, req.args[0], self.max_length) for req in requests]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         return [self._generate(*req.args) for req in requests]

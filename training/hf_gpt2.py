@@ -13,6 +13,7 @@ import torch
 from launcher.config import ModelConfig
 from launcher.errors import ConfigError
 from training.gpt import ffn_size, padded_vocab
+from training.hf import join_qkv
 
 GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
@@ -48,8 +49,6 @@ def check_gpt2_matches(hf: dict, m: ModelConfig, vocab: int, seq_length: int, so
 
 def from_gpt2(hf: dict[str, torch.Tensor], m: ModelConfig, vocab: int, seq_length: int) -> dict[str, torch.Tensor]:
     """GPT-2 state dict (``transformer.`` prefix or none) -> Shardforge full weights (vocabulary padded with zeros)."""
-    from training.hf import join_qkv
-
     t = {k.removeprefix("transformer."): v.float() for k, v in hf.items()}
     names = ["wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"] + [
         f"h.{i}.{part}" for i in range(m.num_layers)

@@ -81,7 +81,7 @@ def test_lm_eval_scores_a_checkpoint_like_shardforge_eval(base_model, task_files
     assert ours["items"] == 10 and mc["acc,none"] == ours["acc"] >= 0.8  # real code beats reversed code
     assert mc["acc_bytes,none"] == ours["acc_norm"]
 
-    nats = -sum(rolling_log_prob(model, t)[0] for t in task_files["docs"])
+    nats = -sum(rolling_log_prob(model, t) for t in task_files["docs"])
     nbytes = sum(len(t.encode("utf-8")) for t in task_files["docs"])
     assert math.isclose(harness["sf_code_bpb"]["bits_per_byte,none"], nats / nbytes / math.log(2), rel_tol=1e-6)
     r = run("harness", "--checkpoint", ckpt, "--tasks", "sf_code_mcq", "--include", str(folder / "tasks"))
