@@ -141,7 +141,9 @@ def build_and_train(cfg: RunConfig) -> dict:
         resumed_from = manager.find_resume()
         if resumed_from is not None:
             manager.load(resumed_from, engine, stateful)
-        ckpt = Checkpointing(manager, engine, stateful, cfg.checkpoint.interval, t.exit_interval, PREEMPTION)
+        ckpt = Checkpointing(
+            manager, engine, stateful, cfg.checkpoint.interval, t.exit_interval, PREEMPTION, device=layout.device
+        )
         trainer.callbacks.append(ckpt)
         if layout.rank == 0:
             n = sum(p.numel() for p in engine.module.parameters())

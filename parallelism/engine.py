@@ -136,6 +136,7 @@ class Engine:
         return None if g is None else float(g)
 
     def _dp_mean(self, value: torch.Tensor) -> float:
+        """Mean of a device scalar over the data-parallel ranks, read once."""
         if self.layout.dp > 1:
             dist.all_reduce(value, group=self.layout.dp_group)
             value = value / self.layout.dp
@@ -145,40 +146,59 @@ class Engine:
 class PlainEngine(Engine):
     """PP = 1: forward, ``engine.backward`` and ``engine.step`` per micro-batch (DeepSpeed accumulates)."""
 
+    def __init__(self, ds_engine, layout: Layout, loss_fn):
+        super().__init__(ds_engine, layout, loss_fn)
+        self._ok: torch.Tensor | None = None  # on the device: every micro-batch so far was finite on every rank
+        if layout.zero_stage < 3:
+            for p in self.ds.module.parameters():
+                if p.requires_grad:
+                    p.register_hook(self._mask_grad)  # runs before DeepSpeed's accumulation hooks
+
+    def _mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """Zero a gradient once any rank's loss in this step was not finite (no host synchronization)."""
+        if self._ok is None:
+            return grad
+        return torch.where(self._ok, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
     def _forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, labels = inputs_and_labels(tokens)
         return self.ds(inputs), labels
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> float:
         """One optimizer step. A micro-batch whose loss is not finite on any rank turns the whole step into a
-        skipped one: its backward uses a zero surrogate and the step runs with lr 0, so the weights are unchanged
-        (AdamW's moments still absorb the finite micro-batches' gradients). Returns NaN for a skipped step.
-        Under ZeRO-3 (partitioned parameters) and with PP > 1 the step is applied and only counted."""
+        skipped one: its gradients and those of later micro-batches are zeroed as they are produced, and the step
+        runs with lr 0, so the weights are unchanged (AdamW's moments still absorb the finite micro-batches'
+        gradients). The finiteness flag lives on the device; the host reads it once per step. Returns NaN for a
+        skipped step. Under ZeRO-3 (partitioned parameters) and with PP > 1 the step is applied and only counted."""
         self.ds.train()
-        total = torch.zeros(())
+        device, guard = self.layout.device, self.layout.zero_stage < 3
+        total = torch.zeros((), device=device)
         skipped = False
-        for i, tokens in enumerate(micro_batches):
-            tokens = tokens.to(self.layout.device)
-            loss = self.loss_fn(*self._forward(tokens))
-            skipped = skipped or (self.layout.zero_stage < 3 and not self._finite_everywhere(loss))
-            self.ds.backward(self._zero_surrogate() if skipped else loss)
-            if i == len(micro_batches) - 1:
-                if self.layout.zero_stage == 0:
-                    self._norm = self._replicated_grad_norm()  # ZeRO-0 does not report it
-                if skipped:
-                    self._set_lr(0.0)
-            self.ds.step()
-            total += loss.detach().float().cpu()
+        self._ok = torch.ones((), dtype=torch.bool, device=device) if guard else None
+        try:
+            for i, tokens in enumerate(micro_batches):
+                loss = self.loss_fn(*self._forward(tokens.to(device)))
+                if guard:
+                    self._ok = self._ok & self._finite_everywhere(loss)
+                self.ds.backward(loss)
+                if i == len(micro_batches) - 1:
+                    skipped = guard and not bool(self._ok)  # the step's one host read of the flag
+                    if self.layout.zero_stage == 0:
+                        self._norm = self._replicated_grad_norm()  # ZeRO-0 does not report it
+                    if skipped:
+                        self._set_lr(0.0)
+                self.ds.step()
+                total += loss.detach().float()
+        finally:
+            self._ok = None
         return float("nan") if skipped else self._dp_mean(total / len(micro_batches))
 
-    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
-        flag = torch.tensor([1.0 if torch.isfinite(loss.detach()).all() else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-
-    def _zero_surrogate(self) -> torch.Tensor:
-        """A loss whose gradient is exactly zero for every parameter (every rank must still run backward)."""
-        return sum(p.reshape(-1)[:1].sum() * 0.0 for p in self.ds.module.parameters() if p.requires_grad)
+    def _finite_everywhere(self, loss: torch.Tensor) -> torch.Tensor:
+        """A device bool: this micro-batch's loss is finite on every rank (MIN over the world, on the device)."""
+        flag = torch.isfinite(loss.detach()).all().to(torch.int32)
+        if self.layout.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return flag.bool()
 
     def _set_lr(self, lr: float) -> None:
         for group in self.ds.optimizer.param_groups:
@@ -187,12 +207,12 @@ class PlainEngine(Engine):
     def _replicated_grad_norm(self) -> float:
         """Global L2 norm of the (already data-parallel-reduced) gradients: TP shards summed over the TP group,
         TP-replicated parameters counted once."""
-        split = torch.zeros((), dtype=torch.float64)
-        replicated = torch.zeros((), dtype=torch.float64)
+        split = torch.zeros((), dtype=torch.float64, device=self.layout.device)
+        replicated = torch.zeros((), dtype=torch.float64, device=self.layout.device)
         for p in self.ds.module.parameters():
             if p.grad is None:
                 continue
-            sq = p.grad.detach().double().pow(2).sum().cpu()
+            sq = p.grad.detach().double().pow(2).sum()
             if getattr(p, "tensor_model_parallel", False):
                 split += sq
             else:
@@ -208,10 +228,10 @@ class PlainEngine(Engine):
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[torch.Tensor]) -> float:
         self.ds.eval()
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.layout.device)
         for tokens in micro_batches:
             tokens = tokens.to(self.layout.device)
-            total += self.loss_fn(*self._forward(tokens)).float().cpu()
+            total += self.loss_fn(*self._forward(tokens)).float()
         return self._dp_mean(total / len(micro_batches))
 
 

@@ -73,6 +73,17 @@ def env_from_launcher() -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
+def process_group_backend(cuda_available: bool | None = None) -> str:
+    """The default process group's backend: gloo on CPU; on GPU NCCL for CUDA tensors *and* gloo for CPU tensors.
+
+    A bare ``"nccl"`` maps only the ``cuda`` device type, so any collective on a CPU tensor (a flag, an object
+    broadcast, a checkpoint bookkeeping value) would raise "No backend type associated with device type cpu".
+    Groups created later without a backend (megatron-core's TP, PP and DP groups) inherit this map."""
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    return "cpu:gloo,cuda:nccl" if cuda_available else "gloo"
+
+
 def init_distributed(cfg: ParallelConfig, timeout_s: float = 600.0) -> Layout:
     """Start the process group and megatron's parallel state for ``cfg``; return the Layout."""
     from parallelism import cpu_shim
@@ -87,10 +98,14 @@ def init_distributed(cfg: ParallelConfig, timeout_s: float = 600.0) -> Layout:
             fix=f"set parallel.nproc={world} or start {cfg.nproc} ranks",
         )
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        cuda = torch.cuda.is_available()
+        device_id = None
+        if cuda:
+            device_id = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device_id)
+        dist.init_process_group(
+            process_group_backend(cuda), timeout=datetime.timedelta(seconds=timeout_s), device_id=device_id
+        )
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():

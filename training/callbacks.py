@@ -157,12 +157,21 @@ class Checkpointing(Callback):
     as preempted; with ``exit_interval`` saves and stops after that many steps of this run."""
 
     def __init__(
-        self, manager, engine, stateful: dict, interval: int, exit_interval: int | None, preemption=None, group=None
+        self,
+        manager,
+        engine,
+        stateful: dict,
+        interval: int,
+        exit_interval: int | None,
+        preemption=None,
+        group=None,
+        device: torch.device | None = None,
     ):
         from training.preemption import Preemption
 
         self.manager, self.engine, self.stateful = manager, engine, stateful
         self.interval, self.exit_interval, self.group = interval, exit_interval, group
+        self.device = device if device is not None else torch.device("cpu")
         self.signal = preemption if preemption is not None else Preemption().install()
         self.preempted = False
         self.exited_early = False  # stopped by train.exit_interval before max_steps: resumable, like a preemption
@@ -172,7 +181,7 @@ class Checkpointing(Callback):
     def _any_rank_signalled(self) -> bool:
         import torch.distributed as dist
 
-        flag = torch.tensor([1 if self.signal.signum else 0])
+        flag = torch.tensor([1 if self.signal.signum else 0], device=self.device)  # the layout's device
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
 
