@@ -1,14 +1,14 @@
 """Shardforge: raw text to a trained, evaluated, deployable language model on a Slurm cluster."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="shardforge",
     version="0.1.0",
     description="Data, training, checkpoints, evaluation and export for GPT-style models on Slurm",
     python_requires=">=3.10",
-    packages=["launcher", "training", "data_pipeline", "parallelism"],
-    package_data={"launcher": ["*.yaml"]},
+    packages=find_packages(include=["core*", "data_pipeline*", "parallelism*", "training*", "launcher*", "slurm*"]),
+    package_data={"parallelism": ["devices.json"], "slurm": ["*.sbatch", "*.sh"]},
     install_requires=[
         # compatible ranges; the exact tested versions live in constraints.txt
         "torch>=2.4,<3",

@@ -11,13 +11,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import timed, write_result  # noqa: E402
-from data_pipeline.batching import BatchLoader  # noqa: E402
+from core.config import TokenizerConfig  # noqa: E402
+from core.files import write_json_atomic  # noqa: E402
+from data_pipeline.batch_loader import BatchLoader  # noqa: E402
 from data_pipeline.ingest import default_corpus_files  # noqa: E402
-from data_pipeline.loader import SampleStream  # noqa: E402
-from data_pipeline.manifest import FORMAT, MANIFEST, write_json_atomic  # noqa: E402
-from data_pipeline.pack import SplitWriter, Tokenizer, token_dtype  # noqa: E402
+from data_pipeline.manifest import FORMAT, MANIFEST  # noqa: E402
+from data_pipeline.pack import EncoderPool, SplitWriter, token_dtype  # noqa: E402
+from data_pipeline.sample_stream import SampleStream  # noqa: E402
 from data_pipeline.tokenizer import train_tokenizer  # noqa: E402
-from launcher.config import TokenizerConfig  # noqa: E402
 
 SEQ = 2048
 
@@ -38,7 +39,7 @@ def corpus(mb: float) -> list[str]:
 
 def pack(model: Path, texts: list[str], workers: int, out: Path) -> SplitWriter:
     writer = SplitWriter(out / "train", "train", SEQ + 1, token_dtype(8000), 64_000_000)
-    with Tokenizer(model, workers) as tok:
+    with EncoderPool(model, workers) as tok:
         for ids in tok.encode(texts):
             writer.add_document(ids)
     writer.close()

@@ -18,8 +18,8 @@ sys.path.insert(0, str(REPO))
 def main() -> None:
     import torch
 
-    from launcher.config import load_config
-    from training.flops import device_peak_flops, gpt_parameter_count, training_flops_per_token
+    from core.config import load_config
+    from training.model.flops import device_peak_flops, gpt_parameter_count, training_flops_per_token
 
     data, out = sys.argv[1], Path(sys.argv[2])
     over = [f"data.output_dir={data}", f"run_dir={out / 'run'}"]
@@ -61,8 +61,8 @@ def bare_loop(cfg, vocab: int, steps: int) -> float:
     import torch
 
     from parallelism.layout import init_distributed, seed_all, shutdown
-    from training.gpt import build_sequential, gpt_layer_specs, lm_loss
-    from training.init import init_parameters
+    from training.model.gpt import build_sequential, gpt_layer_specs, lm_loss
+    from training.model.init import init_parameters
 
     init_distributed(cfg.parallel.model_copy(update={"zero_stage": 0}))
     seed_all(1)

@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import shardforge, write_result  # noqa: E402
-from launcher.config import load_config  # noqa: E402
-from launcher.planner import GIB, Layout, plan_layout  # noqa: E402
+from core.config import load_config  # noqa: E402
+from launcher.planner import GIB, CandidateLayout, plan_layout  # noqa: E402
 
 MODEL = [
     "model.num_layers=4",
@@ -58,7 +58,7 @@ def main() -> None:
         shardforge("train", "-c", "configs/tiny.yaml", *over, OMP_NUM_THREADS="1")
         res = json.loads((tmp / f"r{tp}{pp}{dp}{zero}" / "train_result.json").read_text())
         cfg = load_config(REPO / "configs" / "tiny.yaml", over)
-        plan = plan_layout(cfg, 4096, Layout(tp, pp, dp, zero, 8, "none"), "cpu", tp * pp * dp, MFU)
+        plan = plan_layout(cfg, 4096, CandidateLayout(tp, pp, dp, zero, 8, "none"), "cpu", tp * pp * dp, MFU)
         step = statistics.median(res["step_times"][3:])
         rows.append(
             {

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import shardforge, write_result  # noqa: E402
-from launcher.config import load_config  # noqa: E402
+from core.config import load_config  # noqa: E402
 
 MODEL = [
     "model.num_layers=4",
@@ -65,8 +65,8 @@ def bare_loop(over: list[str], steps: int) -> list[float]:
     import torch
 
     from parallelism.layout import init_distributed, seed_all, shutdown
-    from training.gpt import build_sequential, gpt_layer_specs, lm_loss
-    from training.init import init_parameters
+    from training.model.gpt import build_sequential, gpt_layer_specs, lm_loss
+    from training.model.init import init_parameters
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", over)
     init_distributed(cfg.parallel)

@@ -1,7 +1,9 @@
 """Raw text to verified webdataset shards, and the resumable loader that streams them.
 
 Modules: ``ingest`` (inputs to documents), ``filters`` (clean, filter, dedup), ``split`` (content-hash splits),
-``tokenizer`` (SentencePiece), ``pack`` (tokenize in workers, pack, write shards), ``manifest`` (counts and
-hashes), ``prepare`` (the whole pipeline, atomically), ``loader`` and ``batching`` (streaming for training).
-May import: ``launcher.config`` and ``launcher.errors`` only.
+``tokenizer`` (SentencePiece), ``pack`` (the encoder pool, packing, shard writing), ``manifest`` (the one owner
+of manifest.json: write, read, verify), ``prepare`` (the whole pipeline, atomically), ``sft`` (fine-tuning
+data), ``slurm_stages`` (the stages of ``data prepare --slurm``), ``sample_stream`` and ``batch_loader`` (the
+loader pair: random access into a split's global sample order, and per-rank batches for training).
+May import: ``core`` only.
 """

@@ -14,8 +14,8 @@ import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
+from core.config import DataConfig
 from data_pipeline.ingest import Document
-from launcher.config import DataConfig
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufeff]")
 _ALNUM = re.compile(r"[^\W_]")

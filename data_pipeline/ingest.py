@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.config import DataConfig
-from launcher.errors import DataError
+from core.config import DataConfig
+from core.errors import DataError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 
@@ -79,13 +79,20 @@ def _open_bytes(path: Path) -> bytes:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"cannot read input file '{path}': {e.strerror}", fix="check its permissions") from None
-    if path.name.endswith(".gz"):
-        return gzip.decompress(raw)
-    if path.name.endswith(".zst"):
-        import zstandard
+    try:
+        if path.name.endswith(".gz"):
+            return gzip.decompress(raw)
+        if path.name.endswith(".zst"):
+            import zstandard
 
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as reader:
-            return reader.read()
+            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as reader:
+                return reader.read()
+    except Exception as e:  # noqa: BLE001 - gzip.BadGzipFile, EOFError, zlib.error, zstandard.ZstdError: all one answer
+        kind = "gzip" if path.name.endswith(".gz") else "zstd"
+        raise DataError(
+            f"input file '{path}' is not a readable {kind} stream ({' '.join(str(e).split()) or type(e).__name__})",
+            fix="download or compress it again, or remove it from data.inputs",
+        ) from None
     return raw
 
 
@@ -103,14 +110,36 @@ def _decode(path: Path, raw: bytes, cfg: DataConfig, stats: IngestStats) -> str 
         return None
 
 
-def _jsonl_documents(path: Path, text: str, cfg: DataConfig, stats: IngestStats) -> Iterator[Document]:
-    for lineno, line in enumerate(text.splitlines(), 1):
+def _jsonl_line(path: Path, lineno: int, raw: bytes, cfg: DataConfig, stats: IngestStats) -> object:
+    """One JSONL line's record; None for a line skipped per ``data.on_invalid_utf8`` / ``data.on_missing_field``."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if cfg.on_invalid_utf8 == "fail":
+            raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line)",
+                            fix="convert the file to UTF-8, or set data.on_invalid_utf8=skip to count and skip such "
+                            "lines") from None  # fmt: skip
+        stats.skipped_invalid_utf8 += 1
+        stats.skipped_files.append(f"{path}:{lineno}")
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        if cfg.on_missing_field == "fail":
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})",
+                            fix="fix or remove the line, or set data.on_missing_field=skip to count and skip bad "
+                            "records") from None  # fmt: skip
+        stats.skipped_missing_field += 1
+        return None
+
+
+def _jsonl_documents(path: Path, raw: bytes, cfg: DataConfig, stats: IngestStats) -> Iterator[Document]:
+    for lineno, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
+        record = _jsonl_line(path, lineno, line, cfg, stats)
+        if record is None:
+            continue
         value = record.get(cfg.text_field) if isinstance(record, dict) else None
         if not isinstance(value, str):
             if cfg.on_missing_field == "fail":
@@ -130,15 +159,16 @@ def iter_documents(
     skipped in ``stats``."""
     stats = stats if stats is not None else IngestStats()
     for path in resolve_inputs(cfg) if files is None else files:
-        text = _decode(path, _open_bytes(path), cfg, stats)
-        if text is None:
-            continue
-        stats.files += 1
-        docs = (
-            _jsonl_documents(path, text, cfg, stats)
-            if _has_suffix(path, JSONL_SUFFIXES)
-            else [Document(str(path), text)]
-        )
+        raw = _open_bytes(path)
+        if _has_suffix(path, JSONL_SUFFIXES):  # decoded line by line: one bad line costs that line, not the file
+            stats.files += 1
+            docs = _jsonl_documents(path, raw, cfg, stats)
+        else:
+            text = _decode(path, raw, cfg, stats)
+            if text is None:
+                continue
+            stats.files += 1
+            docs = [Document(str(path), text)]
         for doc in docs:
             if cfg.max_documents is not None and stats.documents >= cfg.max_documents:
                 return

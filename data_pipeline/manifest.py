@@ -8,36 +8,19 @@ every file; ``format_table`` is what ``shardforge data inspect`` prints.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from data_pipeline.tokenizer import file_sha256
-from launcher.errors import DataError, IntegrityError
+from core.config import RunConfig
+from core.errors import DataError, IntegrityError
+from core.files import sha256_file, write_json_atomic
+from data_pipeline.pack import token_dtype
+from data_pipeline.split import SPLIT_NAMES
+from data_pipeline.tokenizer import load_tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT = "shardforge-shards/1"
 SPLITS = ("train", "validation", "test")
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON to ``path`` through a temporary file, fsync, then rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text to ``path`` through a temporary file, fsync, then rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+TOKENIZER_FILE = "tokenizer/tokenizer.model"
 
 
 def read_manifest(dataset_dir: str | Path) -> dict:
@@ -71,7 +54,7 @@ def verify_dataset(dataset_dir: str | Path, manifest: dict | None = None) -> lis
             problems.append(f"{path}: missing")
         elif size is not None and path.stat().st_size != size:
             problems.append(f"{path}: size {path.stat().st_size} != manifest {size} (truncated or replaced)")
-        elif file_sha256(path) != digest:
+        elif sha256_file(path) != digest:
             problems.append(f"{path}: sha256 does not match the manifest (corrupt)")
     return problems
 
@@ -101,3 +84,55 @@ def format_table(manifest: dict) -> str:
             f"{c['bytes_dropped'] / 1e6:>8.2f} MB"
         )
     return "\n".join(rows)
+
+
+def write_manifest(
+    cfg: RunConfig,
+    work: Path,
+    fingerprint: str,
+    info: dict,
+    splits: dict,
+    ingest: dict,
+    filter_report: dict,
+    dtype: str | None = None,
+    kind: str = "text",
+) -> dict:
+    """Check the packed splits, keep only the per-split document digests, and write ``work/manifest.json``."""
+    tok_file = work / TOKENIZER_FILE
+    sp = load_tokenizer(tok_file)
+    for s in SPLIT_NAMES:
+        splits[s]["documents_digest"] = info[s]["digests"].hexdigest()
+        splits[s]["text_bytes"] = info[s]["bytes"]
+    if splits["train"]["samples"] == 0:
+        raise DataError(
+            f"the train split holds {splits['train']['dropped_tail_tokens']} tokens, fewer than one sample of "
+            f"data.seq_length+1={cfg.data.seq_length + 1}",
+            fix="give more text or lower data.seq_length",
+        )
+    for s in SPLIT_NAMES:  # keep only the per-split lists of document digests
+        (work / "documents" / f"{s}.jsonl").unlink()
+        info[s]["digests"].write(work / "documents" / f"{s}.sha256")
+    manifest = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "seq_length": cfg.data.seq_length,
+        "sample_tokens": cfg.data.seq_length + 1,
+        "dtype": dtype or token_dtype(sp.get_piece_size()).name,
+        "kind": kind,
+        "tokenizer": {
+            "file": TOKENIZER_FILE,
+            "sha256": sha256_file(tok_file),
+            "vocab_size": sp.get_piece_size(),
+            "model_type": cfg.tokenizer.model_type if not cfg.tokenizer.model_file else "reused",
+            "bos_id": sp.bos_id(),
+            "eos_id": sp.eos_id(),
+            "pad_id": sp.pad_id(),
+        },
+        "splits": splits,
+        "ingest": {k: v for k, v in ingest.items() if k != "skipped_files"},
+        "skipped_files": ingest["skipped_files"][:100],
+        "filter_report": filter_report,
+        "config": {"data": cfg.data.model_dump(mode="json"), "tokenizer": cfg.tokenizer.model_dump(mode="json")},
+    }
+    write_json_atomic(work / MANIFEST, manifest)
+    return manifest

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.tokenizer import EOS_ID, file_sha256
+from core.files import sha256_file
+from data_pipeline.tokenizer import EOS_ID
 
 _WORKER_SP = None
 SHARD_MTIME = 0.0  # fixed tar member time: the same input gives byte-identical shards
@@ -58,7 +59,7 @@ def _batches(texts: Iterable[str], max_chars: int = 1 << 20) -> Iterator[list[st
         yield batch
 
 
-class Tokenizer:
+class EncoderPool:
     """Tokenizes a stream of texts in ``num_workers`` processes, yielding token arrays in input order."""
 
     def __init__(self, model_file: Path, num_workers: int):
@@ -66,7 +67,7 @@ class Tokenizer:
         self.num_workers = num_workers
         self._pool = None
 
-    def __enter__(self) -> Tokenizer:
+    def __enter__(self) -> EncoderPool:
         if self.num_workers > 1:
             ctx = mp.get_context("fork")
             self._pool = ctx.Pool(self.num_workers, initializer=_init_worker, initargs=(self.model_bytes,))
@@ -131,7 +132,7 @@ class SplitWriter:
             return
         rel = f"{self.split}/{path.name}"
         tokens = self._in_shard * self.sample_tokens
-        self.shards.append(ShardInfo(rel, self._in_shard, tokens, path.stat().st_size, file_sha256(path)))
+        self.shards.append(ShardInfo(rel, self._in_shard, tokens, path.stat().st_size, sha256_file(path)))
         self._in_shard = 0
 
     def add_document(self, ids: np.ndarray) -> None:

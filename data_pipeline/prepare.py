@@ -16,16 +16,15 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from core.config import RunConfig
+from core.errors import DataError
+from core.files import publish_dir, sha256_file
 from data_pipeline.filters import FilterPipeline
 from data_pipeline.ingest import IngestStats, iter_documents, resolve_inputs
-from data_pipeline.manifest import FORMAT, MANIFEST, read_manifest, write_json_atomic
-from data_pipeline.pack import SplitWriter, Tokenizer, token_dtype
+from data_pipeline.manifest import MANIFEST, TOKENIZER_FILE, read_manifest, write_manifest
+from data_pipeline.pack import EncoderPool, SplitWriter, token_dtype
 from data_pipeline.split import SPLIT_NAMES, DigestSet, assign_split, content_digest, unit_interval
-from data_pipeline.tokenizer import file_sha256, load_tokenizer, train_tokenizer
-from launcher.config import RunConfig
-from launcher.errors import DataError
-
-TOKENIZER_FILE = "tokenizer/tokenizer.model"
+from data_pipeline.tokenizer import load_tokenizer, train_tokenizer
 
 
 @dataclass
@@ -47,12 +46,12 @@ def dataset_fingerprint(cfg: RunConfig) -> str:
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in resolve_inputs(cfg.data)]
     tok = cfg.tokenizer.model_dump(mode="json")
     if cfg.tokenizer.model_file:
-        tok["model_file"] = file_sha256(cfg.tokenizer.model_file)
+        tok["model_file"] = sha256_file(cfg.tokenizer.model_file)
     blob = json.dumps({"data": data, "tokenizer": tok, "files": files}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _check_output_dir(out: Path, fingerprint: str, overwrite: bool) -> dict | None:
+def check_output_dir(out: Path, fingerprint: str, overwrite: bool) -> dict | None:
     """Return the existing manifest if ``out`` already holds this very dataset; refuse to clobber another."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return None
@@ -109,7 +108,7 @@ def _read_split(work: Path, split: str) -> Iterator[dict]:
             yield json.loads(line)
 
 
-def _make_tokenizer(cfg: RunConfig, work: Path, train_bytes: int) -> Path:
+def make_tokenizer(cfg: RunConfig, work: Path, train_bytes: int) -> Path:
     out = work / TOKENIZER_FILE
     out.parent.mkdir(parents=True)
     if cfg.tokenizer.model_file:
@@ -125,7 +124,7 @@ def _make_tokenizer(cfg: RunConfig, work: Path, train_bytes: int) -> Path:
     return out
 
 
-def _pack_split(cfg: RunConfig, work: Path, split: str, tok: Tokenizer, vocab_size: int, n_docs: int) -> dict:
+def _pack_split(cfg: RunConfig, work: Path, split: str, tok: EncoderPool, vocab_size: int, n_docs: int) -> dict:
     writer = SplitWriter(
         work / split,
         split,
@@ -147,7 +146,7 @@ def prepare_dataset(cfg: RunConfig, overwrite: bool = False) -> PrepareResult:
         from data_pipeline.sft import build_sft as build
     out = Path(cfg.data.output_dir)
     fingerprint = dataset_fingerprint(cfg)
-    existing = _check_output_dir(out, fingerprint, overwrite)
+    existing = check_output_dir(out, fingerprint, overwrite)
     if existing is not None:
         return PrepareResult(out, existing, reused=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +155,7 @@ def prepare_dataset(cfg: RunConfig, overwrite: bool = False) -> PrepareResult:
     work = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         manifest = build(cfg, work, fingerprint)
-        _publish(work, out)
+        publish_dir(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return PrepareResult(out, manifest, reused=False)
@@ -166,73 +165,10 @@ def _build(cfg: RunConfig, work: Path, fingerprint: str) -> dict:
     stats = IngestStats()
     filt = FilterPipeline(cfg.data)
     info = _split_documents(cfg, work, stats, filt)
-    tok_file = _make_tokenizer(cfg, work, info["train"]["bytes"])
+    tok_file = make_tokenizer(cfg, work, info["train"]["bytes"])
     vocab = load_tokenizer(tok_file).get_piece_size()
     splits = {}
-    with Tokenizer(tok_file, cfg.data.num_workers) as tok:
+    with EncoderPool(tok_file, cfg.data.num_workers) as tok:
         for s in SPLIT_NAMES:
             splits[s] = _pack_split(cfg, work, s, tok, vocab, info[s]["documents"])
     return write_manifest(cfg, work, fingerprint, info, splits, asdict(stats), filt.report())
-
-
-def write_manifest(
-    cfg: RunConfig,
-    work: Path,
-    fingerprint: str,
-    info: dict,
-    splits: dict,
-    ingest: dict,
-    filter_report: dict,
-    dtype: str | None = None,
-    kind: str = "text",
-) -> dict:
-    """Check the packed splits, keep only the per-split document digests, and write ``work/manifest.json``."""
-    tok_file = work / TOKENIZER_FILE
-    sp = load_tokenizer(tok_file)
-    for s in SPLIT_NAMES:
-        splits[s]["documents_digest"] = info[s]["digests"].hexdigest()
-        splits[s]["text_bytes"] = info[s]["bytes"]
-    if splits["train"]["samples"] == 0:
-        raise DataError(
-            f"the train split holds {splits['train']['dropped_tail_tokens']} tokens, fewer than one sample of "
-            f"data.seq_length+1={cfg.data.seq_length + 1}",
-            fix="give more text or lower data.seq_length",
-        )
-    for s in SPLIT_NAMES:  # keep only the per-split lists of document digests
-        (work / "documents" / f"{s}.jsonl").unlink()
-        info[s]["digests"].write(work / "documents" / f"{s}.sha256")
-    manifest = {
-        "format": FORMAT,
-        "fingerprint": fingerprint,
-        "seq_length": cfg.data.seq_length,
-        "sample_tokens": cfg.data.seq_length + 1,
-        "dtype": dtype or token_dtype(sp.get_piece_size()).name,
-        "kind": kind,
-        "tokenizer": {
-            "file": TOKENIZER_FILE,
-            "sha256": file_sha256(tok_file),
-            "vocab_size": sp.get_piece_size(),
-            "model_type": cfg.tokenizer.model_type if not cfg.tokenizer.model_file else "reused",
-            "bos_id": sp.bos_id(),
-            "eos_id": sp.eos_id(),
-            "pad_id": sp.pad_id(),
-        },
-        "splits": splits,
-        "ingest": {k: v for k, v in ingest.items() if k != "skipped_files"},
-        "skipped_files": ingest["skipped_files"][:100],
-        "filter_report": filter_report,
-        "config": {"data": cfg.data.model_dump(mode="json"), "tokenizer": cfg.tokenizer.model_dump(mode="json")},
-    }
-    write_json_atomic(work / MANIFEST, manifest)
-    return manifest
-
-
-def _publish(work: Path, out: Path) -> None:
-    """Move the finished dataset into place; an old one (only with --overwrite) is removed after the swap."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(work, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -1,10 +1,10 @@
 """Supervised fine-tuning data: prompt/response JSONL -> packed shards whose prompt tokens carry no loss.
 
-Each example becomes ``prompt ids`` (stored as ``-(id + 1)``), ``response ids``, end-of-document; examples are
-packed back to back into samples of ``seq_length + 1`` int32 tokens. The trainer reads ``id`` for every input
-position and skips negative labels in the loss (``parallelism.engine.inputs_and_labels``, ``training.gpt.lm_loss``),
-so the model learns to produce responses, not prompts. Splits are assigned by a hash of the example, as for text.
-The tokenizer is the base model's (``tokenizer.model_file`` is required): fine-tuning keeps the vocabulary.
+Each example becomes ``prompt ids`` (stored negative: ``core.prompt_tokens``), ``response ids``, end-of-document;
+examples are packed back to back into samples of ``seq_length + 1`` int32 tokens. The trainer reads the ids and
+skips prompt positions in the loss, so the model learns to produce responses, not prompts. Splits are assigned by a
+hash of the example, as for text. The tokenizer is the base model's (``tokenizer.model_file`` is required):
+fine-tuning keeps the vocabulary.
 """
 
 from __future__ import annotations
@@ -15,16 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from core.config import RunConfig
+from core.errors import DataError
+from core.prompt_tokens import encode_prompt
 from data_pipeline.ingest import resolve_inputs
+from data_pipeline.manifest import TOKENIZER_FILE, write_manifest
 from data_pipeline.pack import SplitWriter
-from data_pipeline.prepare import (
-    TOKENIZER_FILE,
-    write_manifest,
-)
 from data_pipeline.split import SPLIT_NAMES, DigestSet, assign_split, content_digest
 from data_pipeline.tokenizer import load_tokenizer
-from launcher.config import RunConfig
-from launcher.errors import DataError
 
 
 def read_examples(cfg: RunConfig):
@@ -68,7 +66,7 @@ def build_sft(cfg: RunConfig, work: Path, fingerprint: str) -> dict:
             examples += 1
             digest = content_digest(prompt + "\0" + response)
             split = assign_split(digest, cfg.data.split)
-            ids = [-(i + 1) for i in sp.encode(prompt)] + sp.encode(response)
+            ids = encode_prompt(sp.encode(prompt)) + sp.encode(response)
             writers[split].add_document(np.array(ids, dtype=np.int32))
             docs[split].write(json.dumps({"digest": digest.hex()}) + "\n")
             info[split]["documents"] += 1

@@ -6,24 +6,16 @@ source code needs. Special ids are fixed: ``<unk>``=0, ``<s>``=1, ``</s>``=2, ``
 
 from __future__ import annotations
 
-import hashlib
 import io
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from launcher.config import TokenizerConfig
-from launcher.errors import DataError, IntegrityError
+from core.config import TokenizerConfig
+from core.errors import DataError, IntegrityError
+from core.files import sha256_file
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 MAX_SENTENCE_CHARS = 4000
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _sentences(texts: Iterable[str]) -> Iterator[str]:
@@ -81,7 +73,7 @@ def load_tokenizer(path: str | Path, expected_sha256: str | None = None):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"tokenizer model '{path}' does not exist", fix="check tokenizer.model_file")
-    if expected_sha256 is not None and (actual := file_sha256(path)) != expected_sha256:
+    if expected_sha256 is not None and (actual := sha256_file(path)) != expected_sha256:
         raise IntegrityError(
             f"tokenizer '{path}' (sha256 {actual[:12]}) does not match the shards' manifest "
             f"(sha256 {expected_sha256[:12]})",

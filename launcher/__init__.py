@@ -1,5 +1,4 @@
-"""Shardforge's front door: the ``shardforge`` CLI, process spawning and Slurm.
-
-``launcher.config`` and ``launcher.errors`` are leaf modules (they import nothing from the project);
-every other package may import them. This ``__init__`` imports nothing, so importing them stays cheap.
+"""Shardforge's front door: the ``shardforge`` CLI, local rank spawning, Slurm scripts and submission, the planner,
+quickstart, fine-tune and maintenance commands. Nothing else imports it; it imports every package. This
+``__init__`` imports nothing, so ``shardforge --help`` stays cheap.
 """

@@ -12,11 +12,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from launcher.errors import EXIT_INTEGRITY, EXIT_OK, ConfigError, ShardforgeError
+from core.errors import EXIT_INTEGRITY, EXIT_OK, ConfigError, ShardforgeError
 
 
 def _load(args: argparse.Namespace):
-    from launcher.config import load_config
+    from core.config import load_config
 
     return load_config(args.config, getattr(args, "overrides", []))
 
@@ -41,9 +41,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def _data_prepare_slurm(cfg, args: argparse.Namespace) -> int:
+    from core.errors import DataError
     from data_pipeline.manifest import format_table, read_manifest
     from data_pipeline.prepare import dataset_fingerprint
-    from launcher.errors import DataError
     from launcher.slurm_data import STAGES, submit_prepare, wait_for_jobs
 
     if args.tasks is not None:
@@ -110,7 +110,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_continue(args: argparse.Namespace) -> int:
-    from launcher.config import load_config
+    from core.config import load_config
     from launcher.finetune import check_finetune
     from launcher.maintain import continue_overrides, gate, report
     from launcher.spawn import run_ranks
@@ -136,15 +136,15 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint_inspect(args: argparse.Namespace) -> int:
-    from training.consolidate import inspect
+    from training.checkpoint.tools import inspect
 
     print(inspect(args.dir))
     return EXIT_OK
 
 
 def cmd_checkpoint_verify(args: argparse.Namespace) -> int:
-    from training.checkpoint import verify_checkpoint
-    from training.consolidate import resolve
+    from training.checkpoint.format import verify_checkpoint
+    from training.checkpoint.reader import resolve
 
     path = resolve(args.dir)
     return _report(
@@ -155,7 +155,7 @@ def cmd_checkpoint_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
-    from training.consolidate import consolidate
+    from training.checkpoint.tools import consolidate
 
     out = consolidate(args.dir, args.out, args.merge_lora)
     print(f"wrote {out}/model.safetensors and {out}/config.json")
@@ -186,7 +186,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from training.evaluate import load_model, run_eval, summary
+    from training.inference.evaluate import load_model, run_eval, summary
 
     cfg = _load(args) if args.config else None
     model = load_model(args.checkpoint, args.data or (cfg.data.output_dir if cfg else None))
@@ -201,14 +201,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_harness(args: argparse.Namespace) -> int:
     try:
-        from training.harness import run_harness
+        from training.inference.harness import run_harness
     except ImportError as e:
         raise ConfigError(
             f"the lm-eval harness is not installed ({e})", fix="pip install -c constraints.txt lm-eval (make test does)"
         ) from None
     from lm_eval.utils import make_table
 
-    from training.consolidate import run_config
+    from training.checkpoint.reader import run_config
 
     result = run_harness(args.checkpoint, args.tasks, args.include, args.limit, args.data)
     print(make_table(result))
@@ -221,8 +221,8 @@ def cmd_harness(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from training.decode import Sampling, generate, stream_text
-    from training.evaluate import load_model
+    from training.inference.decode import Sampling, generate, stream_text
+    from training.inference.evaluate import load_model
 
     model = load_model(args.checkpoint, args.data)
     s = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
@@ -235,7 +235,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
-    from training.hf import export_hf
+    from training.hf.llama import export_hf
 
     out = export_hf(args.checkpoint, args.out, args.data, args.overwrite)
     print(f"wrote a Hugging Face Llama model to {out} (load it with transformers.AutoModelForCausalLM)")
@@ -243,7 +243,7 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from training.compress import quantize
+    from training.inference.compress import quantize
 
     r = quantize(args.checkpoint, args.out, args.mode, args.data, args.max_samples, overwrite=args.overwrite)
     o, q = r["original"], r["quantized"]
@@ -255,7 +255,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from training.compress import prune
+    from training.inference.compress import prune
 
     r = prune(args.checkpoint, args.out, args.sparsity, args.nm, args.data, args.max_samples, args.overwrite)
     print(f"pruned {r['pruned_matrices']} matrices ({r['method']}): sparsity {r['sparsity']:.4f}")
@@ -327,7 +327,7 @@ _SLURM_FLAGS = ("nodes", "gpus_per_node", "time", "partition", "account", "qos",
 
 def _slurm_config(args: argparse.Namespace):
     """The config with the command line's --nodes/--time/... applied as slurm.* overrides."""
-    from launcher.config import load_config
+    from core.config import load_config
 
     extra = [f"slurm.{k}={getattr(args, k)}" for k in _SLURM_FLAGS if getattr(args, k) is not None]
     return load_config(args.config, [*args.overrides, *extra])
@@ -391,6 +391,9 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardforge", description="Raw text to a trained, evaluated, deployable language model."
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show third-party notices too (or set SHARDFORGE_VERBOSE=1)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -469,7 +472,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from launcher.quiet import VERBOSE_ENV, quiet_third_party
+
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # local ranks inherit it
+    quiet_third_party()
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)

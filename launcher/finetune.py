@@ -5,26 +5,43 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from launcher.config import RunConfig
-from launcher.errors import ConfigError
+from core.config import RunConfig
+from core.errors import ConfigError
 
 
 def base_tokenizer_sha(spec: str) -> str | None:
-    """The sha256 of the tokenizer a ``ckpt:`` base model was trained with (None when it cannot be found)."""
+    """The sha256 of the tokenizer a ``ckpt:`` base model was trained with (None for a Hugging Face base, whose
+    tokenizer is the user's to match). A checkpoint records it (trainer.json's ``data_identity``); otherwise the
+    base run's dataset manifest tells. When neither can be read, the check cannot be made: that is an error."""
     if not spec.startswith("ckpt:"):
         return None
-    from training.consolidate import run_config
+    from data_pipeline.manifest import MANIFEST, read_manifest
+    from training.checkpoint.reader import resolve, run_config
 
-    manifest = Path(run_config(spec[len("ckpt:") :])["data"]["output_dir"]) / "manifest.json"
-    return json.loads(manifest.read_text())["tokenizer"]["sha256"] if manifest.is_file() else None
+    base = spec[len("ckpt:") :]
+    state = Path(base) / "trainer.json" if (Path(base) / "config.json").is_file() else resolve(base) / "trainer.json"
+    if state.is_file():
+        identity = json.loads(state.read_text()).get("data_identity") or {}
+        if "tokenizer_sha256" in identity:
+            return identity["tokenizer_sha256"]
+    data_dir = Path(run_config(base)["data"]["output_dir"])
+    if not (data_dir / MANIFEST).is_file():
+        raise ConfigError(
+            f"cannot tell which tokenizer the base model {base} was trained with: its dataset {data_dir} holds no "
+            f"{MANIFEST}",
+            fix="make the base's dataset reachable at that path (the fine-tuning data must use its tokenizer)",
+        )
+    return read_manifest(data_dir)["tokenizer"]["sha256"]
 
 
 def check_finetune(cfg: RunConfig) -> None:
     if not cfg.model.init_from:
         raise ConfigError("finetune needs a base model", fix="set model.init_from=ckpt:DIR or model.init_from=hf:DIR")
+    from data_pipeline.manifest import MANIFEST, read_manifest
+
     base = base_tokenizer_sha(cfg.model.init_from)
-    data = Path(cfg.data.output_dir) / "manifest.json"
-    if base and data.is_file() and json.loads(data.read_text())["tokenizer"]["sha256"] != base:
+    data = Path(cfg.data.output_dir)
+    if base and (data / MANIFEST).is_file() and read_manifest(data)["tokenizer"]["sha256"] != base:
         raise ConfigError(
             f"the dataset {cfg.data.output_dir} was tokenized with another tokenizer than the base model "
             f"{cfg.model.init_from}",

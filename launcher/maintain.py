@@ -16,12 +16,12 @@ import hashlib
 import json
 from pathlib import Path
 
-from launcher.config import RunConfig
-from launcher.errors import EXIT_GATE, EXIT_OK, ConfigError
+from core.config import RunConfig
+from core.errors import EXIT_GATE, EXIT_OK, ConfigError
 
 
 def previous_data_dir(previous: str) -> str:
-    from training.consolidate import run_config
+    from training.checkpoint.reader import run_config
 
     return run_config(previous)["data"]["output_dir"]
 
@@ -49,8 +49,8 @@ def _manifest_sha(data_dir: str) -> str:
 def gate(cfg: RunConfig, candidate: str) -> tuple[bool, dict]:
     """Score ``candidate`` and ``maintain.previous`` on the same evaluation set; promote if not worse by more than
     the margin. Writes RUN_DIR/gate.json, and RUN_DIR/registry.jsonl when promoted."""
-    from training.consolidate import resolve
-    from training.evaluate import load_model, split_metrics
+    from training.checkpoint.reader import resolve
+    from training.inference.evaluate import load_model, split_metrics
 
     mt = cfg.maintain
     eval_data = mt.eval_data or mt.replay_data or previous_data_dir(mt.previous)

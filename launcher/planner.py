@@ -1,6 +1,6 @@
 """``shardforge plan``: what a run will take before it runs: memory per device, step time, GPU-hours and cost.
 
-Parameters and FLOPs per token come from ``training.flops`` (the same numbers the training log's MFU uses);
+Parameters and FLOPs per token come from ``training.model.flops`` (the same numbers the training log's MFU uses);
 device figures from ``parallelism/devices.json``. Memory per device for a layout (bytes):
 
 - weights: bf16 2 B/param (fp32 4), divided by dp under ZeRO-3;
@@ -21,17 +21,18 @@ Step time = FLOPs per step / (GPUs x peak x MFU), stretched by the pipeline bubb
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
-from launcher.config import RunConfig
-from training.flops import gpt_parameter_count, load_devices, training_flops_per_token
-from training.gpt import padded_vocab
+from core.config import RunConfig
+from training.model.flops import gpt_parameter_count, load_devices, training_flops_per_token
+from training.model.gpt import padded_vocab
 
 GIB = 2**30
 
 
 @dataclass
-class Layout:
+class CandidateLayout:
     tp: int
     pp: int
     dp: int
@@ -65,7 +66,7 @@ def params_per_device(cfg: RunConfig, vocab: int, tp: int, pp: int) -> float:
     return (layers / pp + max(embed, head if pp > 1 else embed + head)) / tp
 
 
-def memory(cfg: RunConfig, vocab: int, lay: Layout, bf16: bool = True) -> MemoryEstimate:
+def memory(cfg: RunConfig, vocab: int, lay: CandidateLayout, bf16: bool = True) -> MemoryEstimate:
     m = cfg.model
     p = params_per_device(cfg, vocab, lay.tp, lay.pp)
     wbytes = 2 if bf16 else 4
@@ -86,7 +87,7 @@ def memory(cfg: RunConfig, vocab: int, lay: Layout, bf16: bool = True) -> Memory
     return MemoryEstimate(weights, grads, optim, acts, logits)
 
 
-def step_time(cfg: RunConfig, vocab: int, lay: Layout, gpus: int, peak: float, mfu: float) -> float:
+def step_time(cfg: RunConfig, vocab: int, lay: CandidateLayout, gpus: int, peak: float, mfu: float) -> float:
     tokens = cfg.train.global_batch_size * cfg.data.seq_length
     flops = training_flops_per_token(cfg.model, vocab, cfg.data.seq_length) * tokens
     if lay.recompute == "full":
@@ -96,7 +97,7 @@ def step_time(cfg: RunConfig, vocab: int, lay: Layout, gpus: int, peak: float, m
     return flops / (gpus * peak * mfu) / (1 - bubble) * overhead_factor(lay)
 
 
-def overhead_factor(lay: Layout) -> float:
+def overhead_factor(lay: CandidateLayout) -> float:
     """Assumed costs the FLOP count does not see (rules of thumb, each a few percent): TP all-reduces per
     doubling, ZeRO-2/3 gathers, small micro-batches' lower kernel efficiency, selective recompute."""
     import math
@@ -111,7 +112,7 @@ def overhead_factor(lay: Layout) -> float:
 USABLE = 0.92  # share of a device's memory a run can use (allocator fragmentation, NCCL buffers)
 
 
-def problems(cfg: RunConfig, lay: Layout, gpus: int, device_gib: float, est: MemoryEstimate) -> list[str]:
+def problems(cfg: RunConfig, lay: CandidateLayout, gpus: int, device_gib: float, est: MemoryEstimate) -> list[str]:
     m, out = cfg.model, []
     if lay.tp * lay.pp * lay.dp != gpus:
         out.append("tp x pp x dp != GPUs")
@@ -130,13 +131,13 @@ def problems(cfg: RunConfig, lay: Layout, gpus: int, device_gib: float, est: Mem
 
 @dataclass
 class Plan:
-    layout: Layout
+    layout: CandidateLayout
     memory: MemoryEstimate
     step_s: float
     problems: list[str]
 
 
-def plan_layout(cfg: RunConfig, vocab: int, lay: Layout, gpu: str, gpus: int, mfu: float) -> Plan:
+def plan_layout(cfg: RunConfig, vocab: int, lay: CandidateLayout, gpu: str, gpus: int, mfu: float) -> Plan:
     dev = load_devices()[gpu]
     peak = dev["bf16_flops"] if gpu != "cpu" else dev["fp32_flops_per_core"]
     bf16 = cfg.train.precision == "bf16" or gpu != "cpu"
@@ -157,7 +158,7 @@ def search(cfg: RunConfig, vocab: int, gpu: str, gpus: int, mfu: float) -> tuple
     for tp, pp, zero, mb, rc in itertools.product(tps, pps, (0, 1, 2, 3), (1, 2, 4, 8), ("none", "selective", "full")):
         if gpus % (tp * pp):
             continue
-        lay = Layout(tp, pp, gpus // (tp * pp), zero, mb, rc, sequence_parallel=tp > 1)
+        lay = CandidateLayout(tp, pp, gpus // (tp * pp), zero, mb, rc, sequence_parallel=tp > 1)
         plan = plan_layout(cfg, vocab, lay, gpu, gpus, mfu)
         if plan.problems:
             for reason in plan.problems:
@@ -175,13 +176,13 @@ def summary(
     """The text ``shardforge plan`` prints for the config's own layout."""
     p, m = cfg.parallel, cfg.model
     dp = p.dp or max(1, gpus // (p.tp * p.pp))
-    lay = Layout(
+    lay = CandidateLayout(
         p.tp, p.pp, dp, p.zero_stage, cfg.train.micro_batch_size, p.activation_checkpointing, p.sequence_parallel
     )
     plan = plan_layout(cfg, vocab, lay, gpu, gpus, mfu)
     n = gpt_parameter_count(m, vocab, cfg.data.seq_length)
     tokens = tokens or 20 * n
-    steps = tokens / (cfg.train.global_batch_size * cfg.data.seq_length)
+    steps = math.ceil(tokens / (cfg.train.global_batch_size * cfg.data.seq_length))  # whole steps reach the target
     hours = steps * plan.step_s / 3600
     e = plan.memory
     lines = [

@@ -15,10 +15,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.config import RunConfig, SlurmConfig
-from launcher.errors import ConfigError, ShardforgeError
+from core.config import RunConfig, SlurmConfig
+from core.errors import ConfigError, ShardforgeError
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
 _WORD = re.compile(r"^[A-Za-z0-9_.,:+=@-]+$")  # partition, account, qos, gres names
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -56,7 +55,7 @@ def time_limit_s(value: str) -> int:
     return ((int(days or 0) * 24 + h) * 60 + m) * 60 + sec
 
 
-def _check_text(key: str, value: str) -> str:
+def check_text(key: str, value: str) -> str:
     if any(c in value for c in "\n\r\0\\"):
         raise ConfigError(
             f"{key}={value!r} holds a newline, NUL or backslash, which cannot reach a batch script safely",
@@ -73,7 +72,7 @@ def _check_word(key: str, value: str | None) -> str | None:
 
 def check_slurm_config(s: SlurmConfig, world: int | None) -> None:
     """Refuse values that cannot make a correct script, naming the key and the fix."""
-    _check_text("slurm.job_name", s.job_name)
+    check_text("slurm.job_name", s.job_name)
     for key in ("partition", "account", "qos", "constraint"):
         _check_word(f"slurm.{key}", getattr(s, key))
     if not _TIME.match(s.time):
@@ -91,9 +90,9 @@ def check_slurm_config(s: SlurmConfig, world: int | None) -> None:
             raise ConfigError(f"slurm.env has the bad variable name {name!r}", fix="use letters, digits and _")
     for key, value in [("slurm.container_image", s.container_image), ("slurm.container_mounts", s.container_mounts)]:
         if value is not None:
-            _check_text(key, value)
+            check_text(key, value)
     for i, arg in enumerate(s.srun_args):
-        _check_text(f"slurm.srun_args[{i}]", arg)
+        check_text(f"slurm.srun_args[{i}]", arg)
     per_node = s.gpus_per_node or None
     if world is None:  # a job that does not train (data preparation)
         return
@@ -110,7 +109,7 @@ def check_slurm_config(s: SlurmConfig, world: int | None) -> None:
         )
 
 
-def _q(value: object) -> str:
+def quote(value: object) -> str:
     return shlex.quote(str(value))
 
 
@@ -118,7 +117,7 @@ def _log_path(run_dir: Path) -> str:
     return str(run_dir / "slurm" / "train-%j.out").replace("%j", "\x00j")  # not %x: a job name may hold '/'
 
 
-def _directive_path(path: str) -> str:
+def directive_path(path: str) -> str:
     """A path for --output: '%' is Slurm's pattern character, doubled except in the patterns we put there."""
     return path.replace("%", "%%").replace("\x00", "%")
 
@@ -126,45 +125,53 @@ def _directive_path(path: str) -> str:
 def render(job: SlurmJob) -> str:
     """The batch script for ``job``."""
     s = job.cfg
-    optional = [f"#SBATCH --{k}={_q(v)}" for k, v in _optional_directives(s)]
-    srun = [f"--cpu-bind={_q(s.cpu_bind)}"]
+    optional = [f"#SBATCH --{k}={quote(v)}" for k, v in optional_directives(s)]
+    srun = [f"--cpu-bind={quote(s.cpu_bind)}"]
     if s.container_image:
-        srun.append(f"--container-image={_q(s.container_image)}")
+        srun.append(f"--container-image={quote(s.container_image)}")
         if s.container_mounts:
-            srun.append(f"--container-mounts={_q(s.container_mounts)}")
-    srun += [_q(a) for a in s.srun_args]
+            srun.append(f"--container-mounts={quote(s.container_mounts)}")
+    srun += [quote(a) for a in s.srun_args]
     env = dict(s.env)
     env.update(job.extra_env)
     values = {
-        "JOB_NAME": _q(s.job_name),
+        "JOB_NAME": quote(s.job_name),
         "NODES": str(s.nodes),
         "TASKS_PER_NODE": str(job.tasks_per_node),
         "CPUS_PER_TASK": str(s.cpus_per_task),
         "GPU_DIRECTIVE": f"#SBATCH --gpus-per-node={s.gpus_per_node}\n" if s.gpus_per_node else "",
-        "TIME": _q(s.time),
+        "TIME": quote(s.time),
         "GRACE": str(s.signal_grace_s),
         "REQUEUE_DIRECTIVE": "requeue" if job.requeue else "no-requeue",
-        "WORKDIR": _q(job.workdir),
-        "LOG": _q(_directive_path(_log_path(job.run_dir))),
+        "WORKDIR": quote(job.workdir),
+        "LOG": quote(directive_path(_log_path(job.run_dir))),
         "OPTIONAL_DIRECTIVES": "".join(line + "\n" for line in optional),
-        "RUN_DIR": _q(job.run_dir),
-        "CONFIG": _q(job.config_file),
-        "PYTHON": _q(job.python),
+        "RUN_DIR": quote(job.run_dir),
+        "CONFIG": quote(job.config_file),
+        "PYTHON": quote(job.python),
         "MAX_RESTARTS": str(s.max_restarts),
         "REQUEUE": "1" if job.requeue else "0",
         "LAUNCH": s.launch,
         "SRUN_FLAGS": " ".join(srun),
-        "ENV_EXPORTS": "\n".join(f"export {k}={_q(v)}" for k, v in sorted(env.items())),
+        "ENV_EXPORTS": "\n".join(f"export {k}={quote(v)}" for k, v in sorted(env.items())),
     }
-    text = TEMPLATE.read_text()
+    return re.sub(r"\n{3,}", "\n\n", fill_template("train.sbatch", values))
+
+
+def fill_template(name: str, values: dict[str, str]) -> str:
+    """The sbatch template ``slurm/NAME`` (package data) with every ``@@KEY@@`` replaced by ``values[KEY]``; values
+    must already be quoted for the shell. A placeholder left unfilled is a bug in this version."""
+    from importlib.resources import files
+
+    text = files("slurm").joinpath(name).read_text()
     for key, value in values.items():
         text = text.replace(f"@@{key}@@", value)
     if "@@" in text.replace("USR1@@", ""):
-        raise ShardforgeError(f"template {TEMPLATE} has a placeholder this version does not fill")
-    return re.sub(r"\n{3,}", "\n\n", text)
+        raise ShardforgeError(f"template slurm/{name} has a placeholder this version does not fill")
+    return text
 
 
-def _optional_directives(s: SlurmConfig) -> list[tuple[str, str]]:
+def optional_directives(s: SlurmConfig) -> list[tuple[str, str]]:
     pairs = [("partition", s.partition), ("account", s.account), ("qos", s.qos), ("constraint", s.constraint)]
     out = [(k, v) for k, v in pairs if v]
     if s.exclusive:
@@ -177,15 +184,15 @@ def prepare_job(cfg: RunConfig, requeue: bool = True) -> SlurmJob:
     world = cfg.parallel.nproc
     check_slurm_config(cfg.slurm, world)
     run_dir = Path(cfg.run_dir).absolute()
-    _check_text("run_dir", str(run_dir))
+    check_text("run_dir", str(run_dir))
     frozen = run_dir / "slurm" / "config.yaml"
     job = SlurmJob(cfg.slurm, run_dir, frozen, Path.cwd(), world, requeue=requeue)
-    _check_text("python", job.python)
+    check_text("python", job.python)
     return job
 
 
 def freeze_config(cfg: RunConfig, job: SlurmJob) -> None:
-    from data_pipeline.manifest import write_text_atomic
+    from core.files import write_text_atomic
 
     job.config_file.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(job.config_file, cfg.to_yaml())
@@ -208,7 +215,7 @@ def sbatch(script: Path, dependency: str | None = None) -> str:
 
 def submit(cfg: RunConfig, chain: int = 1) -> tuple[Path, list[str]]:
     """Write the script into RUN_DIR/slurm/ and submit it (``chain`` > 1: that many afterany-dependent jobs)."""
-    from data_pipeline.manifest import write_text_atomic
+    from core.files import write_text_atomic
 
     job = prepare_job(cfg, requeue=chain <= 1)
     freeze_config(cfg, job)

@@ -1,4 +1,4 @@
-"""``shardforge data prepare --slurm``: submit the four stages of :mod:`data_pipeline.distributed` as Slurm jobs.
+"""``shardforge data prepare --slurm``: submit the four stages of :mod:`data_pipeline.slurm_stages` as Slurm jobs.
 
 ``map`` and ``pack`` are job arrays of ``slurm.array_tasks`` tasks (one group of input files each); ``dedup`` and
 ``finalize`` are single tasks. Each stage depends on the previous one with ``afterok``, so a failed stage stops
@@ -11,11 +11,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from launcher.config import RunConfig
-from launcher.errors import ShardforgeError
-from launcher.slurm import _directive_path, _optional_directives, _q, check_slurm_config, sbatch
+from core.config import RunConfig
+from core.errors import ShardforgeError
+from launcher.slurm import check_slurm_config, directive_path, fill_template, optional_directives, quote, sbatch
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "prepare.sbatch"
 STAGES = (("map", True), ("dedup", False), ("pack", True), ("finalize", False))
 
 
@@ -24,39 +23,36 @@ def render_stage(cfg: RunConfig, work: Path, stage: str, array: bool, python: st
     tasks = s.array_tasks
     log = str(work / "logs" / (f"{stage}-%A_%a.out" if array else f"{stage}-%j.out"))
     values = {
-        "JOB_NAME": _q(f"{s.job_name}-data-{stage}"),
+        "JOB_NAME": quote(f"{s.job_name}-data-{stage}"),
         "CPUS_PER_TASK": str(s.cpus_per_task),
-        "TIME": _q(s.time),
-        "WORKDIR": _q(Path.cwd()),
-        "LOG": _q(_directive_path(log.replace("%A", "\0A").replace("%a", "\0a").replace("%j", "\0j"))),
+        "TIME": quote(s.time),
+        "WORKDIR": quote(Path.cwd()),
+        "LOG": quote(directive_path(log.replace("%A", "\0A").replace("%a", "\0a").replace("%j", "\0j"))),
         "ARRAY_DIRECTIVE": f"#SBATCH --array=0-{tasks - 1}\n" if array else "",
-        "OPTIONAL_DIRECTIVES": "".join(f"#SBATCH --{k}={_q(v)}\n" for k, v in _optional_directives(s)),
-        "PYTHON": _q(python),
+        "OPTIONAL_DIRECTIVES": "".join(f"#SBATCH --{k}={quote(v)}\n" for k, v in optional_directives(s)),
+        "PYTHON": quote(python),
         "STAGE": stage,
-        "CONFIG": _q(work / "config.yaml"),
-        "WORK": _q(work),
+        "CONFIG": quote(work / "config.yaml"),
+        "WORK": quote(work),
         "TASKS": str(tasks),
     }
-    text = TEMPLATE.read_text()
-    for key, value in values.items():
-        text = text.replace(f"@@{key}@@", value)
-    return text
+    return fill_template("prepare.sbatch", values)
 
 
 def submit_prepare(cfg: RunConfig, overwrite: bool = False) -> tuple[Path, list[str]]:
     """Check the output folder, freeze the config, write one script per stage and submit them chained."""
     import sys
 
-    from data_pipeline.distributed import work_dir
-    from data_pipeline.manifest import write_text_atomic
-    from data_pipeline.prepare import _check_output_dir, dataset_fingerprint
-    from launcher.slurm import _check_text
+    from core.files import write_text_atomic
+    from data_pipeline.prepare import check_output_dir, dataset_fingerprint
+    from data_pipeline.slurm_stages import work_dir
+    from launcher.slurm import check_text
 
     check_slurm_config(cfg.slurm, None)
-    _check_text("data.output_dir", str(Path(cfg.data.output_dir).absolute()))
+    check_text("data.output_dir", str(Path(cfg.data.output_dir).absolute()))
     if cfg.data.max_documents is not None:
         raise ShardforgeError("data.max_documents is a single-machine trial setting", fix="drop it with --slurm")
-    _check_output_dir(Path(cfg.data.output_dir), dataset_fingerprint(cfg), overwrite)
+    check_output_dir(Path(cfg.data.output_dir), dataset_fingerprint(cfg), overwrite)
     work = work_dir(cfg)
     if work.exists():
         import shutil

@@ -11,20 +11,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from launcher.config import RunConfig
-from launcher.errors import EXIT_REQUEUE
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from core.config import RunConfig
+from core.errors import EXIT_REQUEUE
+from core.net import free_port
 
 
 def under_launcher() -> bool:

@@ -14,15 +14,15 @@ import resource
 import sys
 from pathlib import Path
 
-from launcher.config import RunConfig, load_config
-from launcher.errors import EXIT_REQUEUE, ShardforgeError
+from core.config import RunConfig, load_config
+from core.errors import EXIT_REQUEUE, ShardforgeError
 from training.preemption import Preemption
 
 PREEMPTION = Preemption()  # installed first thing in __main__: a signal during start-up is not lost
 
 
 def _check_data(cfg: RunConfig) -> dict:
-    from data_pipeline.loader import check_tokenizer, load_dataset_manifest
+    from data_pipeline.sample_stream import check_tokenizer, load_dataset_manifest
 
     root = cfg.data.output_dir
     manifest = load_dataset_manifest(root)
@@ -38,8 +38,8 @@ def _check_data(cfg: RunConfig) -> dict:
 
 def _train_stream(cfg: RunConfig, manifest: dict):
     """The training split of ``data.output_dir``, or the weighted blend of ``loader.blend`` datasets."""
-    from data_pipeline.batching import BlendedStream
-    from data_pipeline.loader import SampleStream, load_dataset_manifest
+    from data_pipeline.batch_loader import BlendedStream
+    from data_pipeline.sample_stream import SampleStream, load_dataset_manifest
 
     if not cfg.loader.blend:
         return SampleStream(cfg.data.output_dir, "train", seed=cfg.loader.seed, shuffle=cfg.loader.shuffle)
@@ -58,8 +58,8 @@ def _train_stream(cfg: RunConfig, manifest: dict):
 
 
 def _loaders(cfg: RunConfig, layout, manifest: dict):
-    from data_pipeline.batching import BatchLoader
-    from data_pipeline.loader import SampleStream
+    from data_pipeline.batch_loader import BatchLoader
+    from data_pipeline.sample_stream import SampleStream
 
     t, root = cfg.train, cfg.data.output_dir
     train = BatchLoader(
@@ -79,6 +79,19 @@ def _loaders(cfg: RunConfig, layout, manifest: dict):
     return train, val_batches
 
 
+def built_options(engine) -> dict:
+    """What the built model really uses (not what the config asked for): megatron's sequence parallelism, the
+    norm gradients summed over TP for it, activation recompute."""
+    mods, params = list(engine.module.modules()), list(engine.module.parameters())
+    megatron = next((m.config for m in mods if hasattr(getattr(m, "config", None), "sequence_parallel")), None)
+    return {
+        "sequence_parallel": bool(megatron is not None and megatron.sequence_parallel),
+        "sequence_parallel_params": sum(bool(getattr(p, "sequence_parallel", False)) for p in params),
+        "recompute_granularity": getattr(megatron, "recompute_granularity", None),
+        "recompute_full_layers": sum(bool(getattr(m, "recompute_full", False)) for m in mods),
+    }
+
+
 def _result(trainer, val, ckpt, resumed_from, layout, manager) -> dict:
     return {
         "steps": trainer.state.step,
@@ -88,6 +101,7 @@ def _result(trainer, val, ckpt, resumed_from, layout, manager) -> dict:
         "val": val.history,
         "stop_reason": trainer.stop_reason,
         "layout": layout.describe(),
+        "built": built_options(trainer.engine),
         "preempted": ckpt.preempted,
         "requeue": ckpt.preempted or ckpt.exited_early,
         "resumed_from": str(resumed_from) if resumed_from else None,
@@ -102,9 +116,10 @@ def build_and_train(cfg: RunConfig) -> dict:
     from parallelism.engine import build_engine
     from parallelism.layout import init_distributed, seed_all, shutdown
     from training.callbacks import Checkpointing, ConsoleLog, TensorBoardLogger, Throughput, Validation
-    from training.checkpoint import CheckpointManager
-    from training.flops import device_peak_flops, training_flops_per_token
-    from training.model import model_parts
+    from training.checkpoint.manager import CheckpointManager
+    from training.hf.init_from import initial_weights
+    from training.model.flops import device_peak_flops, training_flops_per_token
+    from training.model.parts import model_parts
     from training.optim import WarmupDecaySchedule, build_optimizer
     from training.trainer import Trainer
 
@@ -115,7 +130,9 @@ def build_and_train(cfg: RunConfig) -> dict:
         vocab = manifest["tokenizer"]["vocab_size"]
         t = cfg.train
         engine = build_engine(
-            model_parts(cfg, vocab),
+            model_parts(
+                cfg, vocab, lambda: initial_weights(cfg.model.init_from, cfg.model, vocab, cfg.data.seq_length)
+            ),
             layout,
             cfg,
             build_optimizer=lambda model: build_optimizer(model, cfg.optim),
@@ -136,7 +153,10 @@ def build_and_train(cfg: RunConfig) -> dict:
             t.max_consecutive_skips,
             [ConsoleLog(cfg.logging.log_interval, thr, writer), tb, val],
         )
-        manager = CheckpointManager(cfg, layout, log=print if layout.rank == 0 else (lambda *a, **k: None))
+        identity = {"tokenizer_sha256": manifest["tokenizer"]["sha256"], "sample_tokens": cfg.data.seq_length + 1}
+        manager = CheckpointManager(
+            cfg, layout, log=print if layout.rank == 0 else (lambda *a, **k: None), data_identity=identity
+        )
         stateful = {"trainer": trainer.state, "schedule": engine.ds.lr_scheduler, "loader": train, "validation": val}
         resumed_from = manager.find_resume()
         if resumed_from is not None:
@@ -186,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     PREEMPTION.install()
+    from launcher.quiet import quiet_third_party
+
+    quiet_third_party()
     import torch
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from launcher.config import RunConfig
+from core.config import RunConfig
+from core.prompt_tokens import has_prompt_tokens, model_tokens
 from parallelism.layout import Layout, deepspeed_mpu
 
 
@@ -236,10 +237,10 @@ class PlainEngine(Engine):
 
 
 def inputs_and_labels(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Samples (B, S+1) -> inputs (B, S) and labels (B, S). Supervised fine-tuning data stores tokens that are
-    not trained on (the prompt) as ``-(id + 1)``: the model reads ``id``, and the loss skips negative labels."""
-    if bool((tokens < 0).any()):
-        return torch.where(tokens < 0, -tokens - 1, tokens)[:, :-1], tokens[:, 1:]
+    """Samples (B, S+1) -> inputs (B, S) and labels (B, S). Supervised fine-tuning data stores prompt tokens
+    negative (``core.prompt_tokens``): the model reads their ids, and the loss skips them."""
+    if has_prompt_tokens(tokens):
+        return model_tokens(tokens)[:, :-1], tokens[:, 1:]
     return tokens[:, :-1], tokens[:, 1:]
 
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import types
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from launcher.config import ParallelConfig
-from launcher.errors import ConfigError
+from core.config import ParallelConfig
+from core.errors import ConfigError
+from core.net import free_port
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,6 @@ class Layout:
         return f"tp={self.tp} pp={self.pp} dp={self.dp} zero={self.zero_stage} world={self.world}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def env_from_launcher() -> None:
     """Fill torch.distributed's variables from Slurm's when running under srun, or for a single process."""
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
@@ -70,7 +64,7 @@ def env_from_launcher() -> None:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def process_group_backend(cuda_available: bool | None = None) -> str:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from core.config import load_config, validate_config
 from data_pipeline.ingest import default_corpus_root
-from launcher.config import load_config, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,6 +97,12 @@ def train_command(run: Path, prepared: Path, *overrides: str) -> list[str]:
     ]
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """`shardforge ARGS` from the repository root (CPU DeepSpeed, one thread per rank), output captured."""
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=REPO, env={**os.environ, **TRAIN_ENV},
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
 def shardforge_train(run: Path, prepared: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, dict | None]:
     """Run `shardforge train` to the end; return the process and its train_result.json (None if not written)."""
     r = subprocess.run(
@@ -111,6 +117,13 @@ def shardforge_train(run: Path, prepared: Path, *overrides: str) -> tuple[subpro
     return r, json.loads(result_file.read_text()) if result_file.exists() else None
 
 
+def assert_losses_close(got: list[float], expected: list[float], rel: float, what: str = "") -> None:
+    """Same number of losses, each within ``rel`` (relative) of the expected one."""
+    assert len(got) == len(expected), f"{len(got)} losses vs {len(expected)} expected {what}"
+    for step, (a, b) in enumerate(zip(got, expected), 1):
+        assert abs(a - b) / abs(b) < rel, f"step {step}: {a} vs {b} {what}"
+
+
 def final_weights(run: Path) -> dict:
     """The full weights of ``run``'s latest checkpoint, through `shardforge checkpoint consolidate`."""
     from safetensors.torch import load_file
@@ -123,6 +136,43 @@ def final_weights(run: Path) -> dict:
         capture_output=True,
     )
     return load_file(str(out / "model.safetensors"))
+
+
+def hf_choice_log_prob(hf, sp, context: str, choice: str) -> float:
+    """log P(choice | end-of-document + context) by transformers, with lm-eval's rule: the choice's tokens are those
+    of context + choice encoded whole, after the context's."""
+    ctx = [sp.eos_id()] + sp.encode(context)
+    whole = [sp.eos_id()] + sp.encode(context + choice)
+    import torch
+
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([whole[:-1]])).logits[0].double(), dim=-1)
+    return float(sum(logp[i - 1, whole[i]] for i in range(len(ctx), len(whole))))
+
+
+def code_choice_items(sp, prepared: Path, n: int, seed: int = 3) -> list[dict]:
+    """``n`` three-way multiple-choice items from the test split: a context of real code, then its true
+    continuation (answer 0), the same characters reversed, or its words shuffled (three different texts)."""
+    import random
+
+    from data_pipeline.sample_stream import SampleStream
+
+    rng, items = random.Random(seed), []
+    for s in SampleStream(prepared, "test", shuffle=False).read(0, 4 * n):
+        text = sp.decode(s.tolist())
+        ctx, cont = text[:80], text[80:140]
+        words = cont.split(" ")
+        rng.shuffle(words)
+        choices = [cont, cont[::-1], " ".join(words)]
+        if len(set(choices)) == 3:  # identical choices would tie, and a tie is decided by position
+            items.append({"context": ctx, "choices": choices, "answer": 0})
+    assert len(items) >= n
+    return items[:n]
+
+
+def hf_accuracy(hf, sp, items: list[dict]) -> float:
+    scores = [[hf_choice_log_prob(hf, sp, i["context"], c) for c in i["choices"]] for i in items]
+    return sum(max(range(len(row)), key=row.__getitem__) == i["answer"] for row, i in zip(scores, items)) / len(items)
 
 
 SLURM_TEST_CLUSTER = {"SHARDFORGE_SLURM_DIR": "/tmp/shardforge-slurm-tests", "SHARDFORGE_SLURM_NODES": "2",

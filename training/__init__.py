@@ -1,1 +1,3 @@
-"""Model definitions, the trainer, checkpoints, evaluation and export (see README: Architecture)."""
+"""Training: the loop (trainer.py), its callbacks (callbacks.py: log line, TensorBoard, validation,
+checkpointing), optimizer and schedule (optim.py) and preemption signals (preemption.py); then the rooms
+model/, checkpoint/, hf/ and inference/. The loop may import every room before it; see README: Architecture."""

@@ -23,7 +23,7 @@ def memory_gb() -> dict[str, float]:
 
 
 class Throughput:
-    """Tokens/s and MFU from step times, with FLOPs per token from ``training.flops``."""
+    """Tokens/s and MFU from step times, with FLOPs per token from ``training.model.flops``."""
 
     def __init__(self, flops_per_token: float, peak_flops: float):
         self.flops_per_token, self.peak = flops_per_token, peak_flops

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from launcher.config import OptimConfig
+from core.config import OptimConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

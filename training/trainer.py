@@ -10,7 +10,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 
-from launcher.errors import ShardforgeError
+from core.errors import ShardforgeError
 
 
 class NonFiniteLossError(ShardforgeError):
@@ -101,13 +101,12 @@ class Trainer:
         skipped = self._guard(loss)
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
-        self.losses.append(loss)
-        self.step_times.append(time.perf_counter() - t0)
         grad_norm = self.engine.grad_norm()
+        elapsed = time.perf_counter() - t0
+        self.losses.append(loss)
+        self.step_times.append(elapsed)
         self.grad_norms.append(grad_norm)
-        return StepMetrics(
-            self.state.step, loss, lr, grad_norm, time.perf_counter() - t0, t1 - t0, self.tokens_per_step, skipped
-        )
+        return StepMetrics(self.state.step, loss, lr, grad_norm, elapsed, t1 - t0, self.tokens_per_step, skipped)
 
     def fit(self) -> None:
         for cb in self.callbacks:

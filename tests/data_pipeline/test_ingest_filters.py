@@ -8,10 +8,10 @@ import json
 import pytest
 import zstandard
 
+from core.config import DataConfig
+from core.errors import DataError
 from data_pipeline.filters import FilterPipeline, clean_text
 from data_pipeline.ingest import Document, IngestStats, iter_documents
-from launcher.config import DataConfig
-from launcher.errors import DataError
 
 
 def corpus(tmp_path):
@@ -125,3 +125,37 @@ def test_each_stage_drops_and_counts_what_it_should():
 def test_dedup_can_be_switched_off():
     kept, _ = run_filters(["a document of some length"] * 3, dedup_exact=False, dedup_near=False)
     assert len(kept) == 3
+
+
+def test_corrupt_compressed_inputs_are_one_line_errors_naming_the_file(tmp_path):
+    lines = b'{"text": "a document"}\n' * 50
+    (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(lines)[:-12])  # truncated
+    (tmp_path / "bad.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(range(40)))  # zstd magic, then garbage
+    for name, kind in (("bad.jsonl.gz", "gzip"), ("bad.jsonl.zst", "zstd")):
+        with pytest.raises(DataError, match=rf"'{tmp_path / name}' is not a readable {kind} stream") as e:
+            list(iter_documents(DataConfig(inputs=[str(tmp_path / name)])))
+        assert "\n" not in str(e.value)
+
+
+def test_a_jsonl_line_that_is_not_json_is_named_as_such(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"text": "ok"}\n{"text": "unterminated\n')
+    with pytest.raises(DataError, match=r"x.jsonl:2: not valid JSON \(Unterminated string"):
+        list(iter_documents(DataConfig(inputs=[str(tmp_path)])))
+
+
+def test_invalid_utf8_inside_a_jsonl_line_costs_that_line_or_fails_naming_it(tmp_path):
+    (tmp_path / "x.jsonl").write_bytes(b'{"text": "first"}\n{"text": "caf\xe9"}\n{"text": "third"}\n')
+    stats = IngestStats()
+    docs = list(iter_documents(DataConfig(inputs=[str(tmp_path)]), stats))
+    assert [d.text for d in docs] == ["first", "third"] and [d.source[-9:] for d in docs] == ["x.jsonl:1", "x.jsonl:3"]
+    assert stats.skipped_invalid_utf8 == 1 and stats.skipped_files == [f"{tmp_path / 'x.jsonl'}:2"]
+    with pytest.raises(DataError, match=r"x.jsonl:2: not valid UTF-8 \(byte 13 of the line\)"):
+        list(iter_documents(DataConfig(inputs=[str(tmp_path)], on_invalid_utf8="fail")))
+
+
+def test_max_chars_drops_long_documents_and_counts_them():
+    texts = ["a reasonable document " * 5, "x" * 2000 + " long one", "another ordinary document " * 4]
+    kept, report = run_filters(texts, max_chars=500)
+    assert kept == [texts[0], texts[2]]
+    assert report["stages"]["length"]["docs_dropped"] == 1 and report["stages"]["length"]["bytes_dropped"] == 2009
+    assert report["reasons"] == {"too_long": 1}

@@ -7,9 +7,9 @@ from collections import Counter
 
 import numpy as np
 
-from data_pipeline.batching import BatchLoader, BlendedStream
-from data_pipeline.loader import SampleStream
+from data_pipeline.batch_loader import BatchLoader, BlendedStream
 from data_pipeline.manifest import read_manifest
+from data_pipeline.sample_stream import SampleStream
 
 GBS, MBS = 12, 2
 

@@ -11,13 +11,14 @@ import pytest
 import sentencepiece as spm
 from conftest import make_corpus, small_config, stdlib_files
 
+from core.errors import DataError, IntegrityError
+from core.files import sha256_file
 from data_pipeline.filters import clean_text
-from data_pipeline.loader import ShardReader, check_tokenizer
 from data_pipeline.manifest import read_manifest, verify_dataset
 from data_pipeline.prepare import prepare_dataset
+from data_pipeline.sample_stream import ShardReader, check_tokenizer
 from data_pipeline.split import assign_split, content_digest
-from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, file_sha256
-from launcher.errors import DataError, IntegrityError
+from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 
 def shard_tokens(ds: Path, split: str) -> np.ndarray:
@@ -155,7 +156,7 @@ def test_reused_tokenizer_and_mismatched_tokenizer(prepared, tmp_path):
     model = prepared / "tokenizer" / "tokenizer.model"
     cfg = small_config(tmp_path, [str(corpus)], tokenizer={"model_file": str(model)})
     m = prepare_dataset(cfg).manifest
-    assert m["tokenizer"]["sha256"] == file_sha256(model)
+    assert m["tokenizer"]["sha256"] == sha256_file(model)
     check_tokenizer(cfg.data.output_dir, model)  # matches: no error
     other = small_config(
         tmp_path, [str(corpus)], data={"output_dir": str(tmp_path / "o")}, tokenizer={"vocab_size": 420}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import torch
 from conftest import REPO
 from torch.distributed import Backend, BackendConfig
 
+from core.net import free_port
 from parallelism.layout import process_group_backend
 
 
@@ -32,9 +32,7 @@ def test_cpu_backend_is_gloo(monkeypatch):
 
 
 def test_megatron_groups_inherit_the_cpu_entry(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "report.json"
     procs = []
     for rank in range(2):

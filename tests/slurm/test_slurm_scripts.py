@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from launcher.config import load_config
-from launcher.errors import ConfigError
+from core.config import load_config
+from core.errors import ConfigError
 from launcher.slurm import prepare_job, render
 
 

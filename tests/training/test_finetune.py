@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import REPO, TRAIN_ENV, small_config, stdlib_files
 
-from data_pipeline.loader import SampleStream
 from data_pipeline.prepare import prepare_dataset
+from data_pipeline.sample_stream import SampleStream
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def sft_data(prepared, tmp_path_factory):
 
 
 def _decoder(run):
-    from training.evaluate import load_model
+    from training.inference.evaluate import load_model
 
     return load_model(run / "checkpoints").decoder
 
@@ -88,10 +88,10 @@ def test_finetune_needs_a_base(prepared, tmp_path):
 
 
 def test_lora_trains_adapters_only_and_merged_equals_unmerged(base_model, prepared, tmp_path):
-    from launcher.config import validate_config
-    from training.consolidate import full_weights
-    from training.decode import Decoder
-    from training.lora import merge
+    from core.config import validate_config
+    from training.checkpoint.reader import full_weights
+    from training.inference.decode import Decoder
+    from training.model.lora import merge
 
     run = tmp_path / "lora"
     cmd = [sys.executable, "-m", "launcher.cli", "finetune", "-c", "configs/tiny.yaml", f"run_dir={run}",
@@ -119,3 +119,30 @@ def test_lora_trains_adapters_only_and_merged_equals_unmerged(base_model, prepar
     merged_file = full_weights(out)[0]
     assert not any(".lora_" in k for k in merged_file) and (merged(tokens[:, :-1])[0] - Decoder(merged_file, m)(
         tokens[:, :-1])[0]).abs().max() < 1e-6  # fmt: skip
+
+
+def test_finetune_refuses_data_of_another_tokenizer_and_a_base_whose_tokenizer_is_unknown(base_model, prepared,
+                                                                                         tmp_path):  # fmt: skip
+    import shutil
+
+    from conftest import run_cli
+
+    other = tmp_path / "other"
+    shutil.copytree(prepared, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"]["sha256"] = "0" * 64  # as if prepared with another tokenizer
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    ckpt = f"model.init_from=ckpt:{base_model}/checkpoints"
+    r = run_cli("finetune", "-c", "configs/tiny.yaml", f"run_dir={tmp_path / 'ft'}", f"data.output_dir={other}", ckpt)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "another tokenizer than the base model" in lines[0]
+    folder = tmp_path / "consolidated"  # weights without trainer.json, whose run config names a missing dataset
+    assert run_cli("checkpoint", "consolidate", f"{base_model}/checkpoints", str(folder)).returncode == 0
+    config = json.loads((folder / "config.json").read_text())
+    config["data"]["output_dir"] = str(tmp_path / "moved-away")
+    (folder / "config.json").write_text(json.dumps(config))
+    r = run_cli("finetune", "-c", "configs/tiny.yaml", f"run_dir={tmp_path / 'ft2'}", f"data.output_dir={prepared}",
+                f"model.init_from=ckpt:{folder}")  # fmt: skip
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "cannot tell which tokenizer the base model" in lines[0]
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "ft2").exists()  # refused before anything started

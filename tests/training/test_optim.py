@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from launcher.config import OptimConfig
+from core.config import OptimConfig
 from training.optim import WarmupDecaySchedule, build_optimizer, lr_at, param_groups
 
 

@@ -7,7 +7,7 @@ import json
 
 from conftest import shardforge_train
 
-from launcher.errors import EXIT_USAGE
+from core.errors import EXIT_USAGE
 
 
 def run_train(tmp_path, prepared, *overrides, name="run"):
@@ -48,9 +48,12 @@ def test_loss_falls_validation_runs_and_tensorboard_has_every_tag(tmp_path, prep
         "perf/tokens_per_s",
         "perf/mfu",
         "perf/data_wait_frac",
+        "perf/step_time_s",
         "mem/rss_gb",
     ):
         assert tag in tags, tag
+    step_times = [e.value for e in acc.Scalars("perf/step_time_s")]
+    assert len(step_times) == 30 and all(abs(a - b) <= 1e-6 * b for a, b in zip(step_times, res["step_times"]))
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 31))
     assert [round(e.value, 4) for e in acc.Scalars("train/loss")] == [round(x, 4) for x in res["losses"]]
     assert [e.step for e in acc.Scalars("val/loss")] == [10, 20, 30]
@@ -100,6 +103,7 @@ def test_bad_layouts_fail_before_any_rank_starts(tmp_path, prepared):
         (["parallel.nproc=2", "parallel.pp=2", "model.num_layers=3"], "num_layers=3 is not divisible"),
         (["parallel.nproc=2", "parallel.pp=2", "parallel.zero_stage=2"], "cannot be combined with parallel.pp=2"),
         (["parallel.nproc=2", "parallel.tp=2", "model.arch=gru"], "supports only data parallelism"),
+        (["parallel.nproc=2", "parallel.tp=2", "lora.rank=4"], "lora.rank > 0 needs model.arch=gpt"),
     ]
     for overrides, message in cases:
         r, _, run = run_train(tmp_path, prepared, *overrides)
@@ -135,6 +139,7 @@ def test_bf16_tracks_fp32(tmp_path, prepared):
         name="bf16",
     )
     assert r.returncode == 0, r.stderr[-2000:]
+    assert len(fp32["losses"]) == len(bf16["losses"]) == 8
     assert max(abs(a - b) for a, b in zip(fp32["losses"], bf16["losses"])) < 0.05
     assert bf16["losses"] != fp32["losses"]  # it really ran in bf16
 
@@ -165,3 +170,20 @@ def test_blended_datasets_train_and_a_foreign_tokenizer_is_refused(tmp_path, pre
     foreign = f"loader.blend=[{{path: {prepared}, weight: 1}}, {{path: {tmp_path / 'other'}, weight: 1}}]"
     r, _, _ = run_train(tmp_path, prepared, "train.max_steps=2", foreign, name="foreign")
     assert r.returncode == EXIT_USAGE and "another tokenizer" in r.stderr
+
+
+def test_a_corrupt_shard_met_during_training_stops_with_the_shard_named(tmp_path, prepared):
+    import shutil
+
+    from core.errors import EXIT_INTEGRITY
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    shard = data / manifest["splits"]["train"]["shards"][0]["path"]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one flipped bit inside the tar
+    shard.write_bytes(bytes(raw))
+    r, _ = shardforge_train(tmp_path / "run", data, "train.max_steps=50", "loader.shuffle=false")
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == EXIT_INTEGRITY and shard.name in last and "Traceback" not in r.stderr

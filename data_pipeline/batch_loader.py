@@ -1,0 +1,131 @@
+"""Global batches for data-parallel training: blending, slicing by rank, worker processes, resumable state.
+
+Step ``k`` consumes the global positions ``[p, p + G)`` of the stream (``G`` = global batch size); data-parallel
+rank ``r`` of ``dp`` takes the slice ``[p + r*G/dp, p + (r+1)*G/dp)`` and splits it into micro-batches. So every
+optimizer step sees the same samples whatever the layout, and the whole resumable state is the position ``p``
+(plus, when blending, how many samples each dataset has given): resuming on another data-parallel size continues
+from the same global sample with nothing repeated or skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from core.errors import ConfigError, DataError
+
+
+class BlendedStream:
+    """Mixes streams by weight, deterministically: sample ``i`` comes from the dataset furthest behind its share
+    (``weight * (i + 1) - drawn``), as Megatron's blended dataset does. Positions are blended positions."""
+
+    def __init__(self, streams: list, weights: list[float]):
+        if not streams or len(streams) != len(weights):
+            raise DataError("loader.blend needs one weight per dataset")
+        total = float(sum(weights))
+        self.streams, self.weights = streams, np.array([w / total for w in weights])
+        self._anchor = (0, [0] * len(streams))  # (position, samples drawn from each dataset before it)
+
+    def _walk(self, start: int, count: int) -> tuple[list[tuple[int, int]], list[int]]:
+        """Which (dataset, dataset position) serve blended positions [start, start+count); counts after."""
+        pos, drawn = self._anchor
+        if start < pos:
+            raise DataError(f"blended stream cannot go back from position {pos} to {start}")
+        drawn = list(drawn)
+        picks = []
+        for i in range(pos, start + count):
+            d = int(np.argmax(self.weights * (i + 1) - np.array(drawn)))
+            if i >= start:
+                picks.append((d, drawn[d]))
+            drawn[d] += 1
+        return picks, drawn
+
+    def counts_at(self, position: int) -> list[int]:
+        _, drawn = self._walk(position, 0)
+        self._anchor = (position, drawn)
+        return drawn
+
+    def read(self, start: int, count: int) -> list[np.ndarray]:
+        picks, _ = self._walk(start, count)
+        return [self.streams[d].read(p, 1)[0] for d, p in picks]
+
+    def state_at(self, position: int) -> dict:
+        return {"drawn": self.counts_at(position)}
+
+    def load_state_at(self, position: int, state: dict) -> None:
+        self._anchor = (position, list(state["drawn"]))
+
+
+def _rank_step(stream, position: int, gbs: int, mbs: int, dp_rank: int, dp: int) -> list[torch.Tensor]:
+    per_rank = gbs // dp
+    rows = stream.read(position + dp_rank * per_rank, per_rank)
+    arr = torch.from_numpy(np.stack(rows).astype(np.int64))
+    return list(arr.split(mbs))
+
+
+class _StepsInWorkers(torch.utils.data.IterableDataset):
+    """Worker ``w`` of ``W`` builds steps ``w, w+W, ...``; DataLoader's round-robin keeps the order."""
+
+    def __init__(self, loader: BatchLoader, start: int):
+        self.loader, self.start = loader, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        ld = self.loader
+        k = wid
+        while True:
+            yield _rank_step(ld.stream, self.start + k * ld.gbs, ld.gbs, ld.mbs, ld.dp_rank, ld.dp)
+            k += nw
+
+
+class BatchLoader:
+    """This rank's micro-batches, step by step: ``next_step()`` -> list of LongTensor (mbs, seq_length + 1)."""
+
+    def __init__(
+        self, stream, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0, dp: int = 1, num_workers: int = 0
+    ):
+        if global_batch_size % (micro_batch_size * dp):
+            raise ConfigError(
+                f"global batch {global_batch_size} is not a multiple of micro batch {micro_batch_size} x dp {dp}"
+            )
+        self.stream, self.gbs, self.mbs = stream, global_batch_size, micro_batch_size
+        self.dp_rank, self.dp, self.num_workers = dp_rank, dp, num_workers
+        self.position = 0
+        self._it: Iterator | None = None
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.gbs // (self.mbs * self.dp)
+
+    def next_step(self) -> list[torch.Tensor]:
+        if self.num_workers == 0:
+            step = _rank_step(self.stream, self.position, self.gbs, self.mbs, self.dp_rank, self.dp)
+        else:
+            if self._it is None:
+                self._it = iter(
+                    torch.utils.data.DataLoader(
+                        _StepsInWorkers(self, self.position),
+                        batch_size=None,
+                        num_workers=self.num_workers,
+                        multiprocessing_context="fork",
+                    )
+                )
+            step = next(self._it)
+        self.position += self.gbs
+        return step
+
+    def state_dict(self) -> dict:
+        """Layout-independent: the global position, and the blend counts there."""
+        state = {"position": self.position, "global_batch_size": self.gbs}
+        if hasattr(self.stream, "state_at"):
+            state["stream"] = self.stream.state_at(self.position)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+        if "stream" in state and hasattr(self.stream, "load_state_at"):
+            self.stream.load_state_at(self.position, state["stream"])
+        self._it = None  # restart reading (and any workers) from the restored position

@@ -1,0 +1,249 @@
+"""The GPT-style decoder, as a list of megatron-core stages (no launch, logging or checkpoint code here).
+
+The model is a flat list of layers: ``EmbeddingStage``, ``num_layers`` x ``DecoderLayer``, ``FinalNorm``,
+``OutputHead``. The same list becomes an ``nn.Sequential`` (PP = 1) or a DeepSpeed ``PipelineModule`` (PP > 1), so
+parameter names (``"<layer index>.<module path>"``) are the same in both. Every layer-spec choice (local
+pure-PyTorch spec, or Transformer Engine's when installed and a GPU is present) is made in ``layer_spec``.
+Shapes: tokens (B, S) -> hidden [S, B, H] -> logits [S, B, V / tp] (this rank's vocabulary shard).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from core.config import ModelConfig
+from core.prompt_tokens import has_prompt_tokens, trained
+
+VOCAB_MULTIPLE = 128  # pad the vocabulary so every TP size up to 128 divides it; the model is TP-independent
+
+
+def padded_vocab(vocab_size: int) -> int:
+    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def ffn_size(m: ModelConfig) -> int:
+    if m.ffn_hidden_size:
+        return m.ffn_hidden_size
+    if m.activation == "swiglu":
+        return -(-int(8 * m.hidden_size / 3) // 64) * 64
+    return 4 * m.hidden_size
+
+
+def activation_function(name: str):
+    """The MLP's activation for ``model.activation`` (shared with the decoder, so both compute the same)."""
+    import functools
+
+    import torch.nn.functional as F
+
+    return {"swiglu": F.silu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}[name]
+
+
+def transformer_config(
+    m: ModelConfig, tp: int, precision: str = "fp32", recompute: str = "none", sequence_parallel: bool = False
+):
+    """megatron-core's TransformerConfig for ``m`` at tensor-parallel size ``tp`` (pipeline placement is ours)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=ffn_size(m),
+        normalization=m.normalization,
+        gated_linear_unit=m.activation == "swiglu",
+        activation_func=activation_function(m.activation),
+        add_bias_linear=m.bias,
+        layernorm_epsilon=m.norm_eps,
+        hidden_dropout=m.dropout,
+        attention_dropout=m.dropout,
+        init_method_std=m.init_std,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=precision == "bf16",
+        use_cpu_initialization=True,
+        perform_initialization=False,  # training.model.init fills weights, independently of the layout
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        recompute_granularity="selective" if recompute == "selective" else None,
+    )
+
+
+class SequenceParallelNorm:
+    """A torch LayerNorm/RMSNorm usable with sequence parallelism (megatron's ``WrappedTorchNorm`` refuses it).
+
+    Its parameters are tagged ``sequence_parallel``: each TP rank sees only its slice of the sequence, so their
+    gradients must be summed over the TP group (``parallelism.engine`` registers that)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_):
+        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = norm_cls(hidden_size, eps=eps, dtype=config.params_dtype)
+        for p in norm.parameters():
+            p.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def layer_spec(normalization: str, sequence_parallel: bool = False, attention: str = "sdpa"):
+    """The transformer-layer spec: Transformer Engine's when installed with a GPU, else megatron's local one
+    (with sequence-parallel-capable norms when asked, and torch SDPA as core attention unless
+    ``attention="megatron"``)."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if torch.cuda.is_available():
+        try:
+            import transformer_engine  # noqa: F401
+
+            return specs.get_gpt_layer_with_transformer_engine_spec()
+        except ImportError:
+            pass
+    spec = specs.get_gpt_layer_local_spec(normalization=normalization)
+    if attention == "sdpa":
+        from training.model.attention import SDPACoreAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    if sequence_parallel:
+        spec.submodules.input_layernorm = SequenceParallelNorm
+        spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
+    return spec
+
+
+def causal_mask(seq: int, device) -> torch.Tensor:
+    """True where attention is *not* allowed, shape [1, 1, S, S] (megatron's default builds it on CUDA)."""
+    return torch.ones(seq, seq, dtype=torch.bool, device=device).triu(1).view(1, 1, seq, seq)
+
+
+class EmbeddingStage(nn.Module):
+    """tokens (B, S) -> [S, B, H]: word embeddings (vocab-parallel) plus learned positions if configured."""
+
+    def __init__(self, config, m: ModelConfig, vocab: int, seq_length: int):
+        super().__init__()
+        from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+
+        kind = "learned_absolute" if m.position_embedding == "learned" else "none"
+        self.embedding = LanguageModelEmbedding(config, vocab, seq_length, position_embedding_type=kind)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+        return self.embedding(tokens, pos)
+
+
+class DecoderLayer(nn.Module):
+    """[S, B, H] -> [S, B, H]: one megatron-core TransformerLayer with a causal mask and optional RoPE."""
+
+    def __init__(self, config, m: ModelConfig, index: int, recompute_full: bool = False):
+        super().__init__()
+        from megatron.core.transformer.transformer_layer import TransformerLayer
+
+        spec = layer_spec(m.normalization, config.sequence_parallel, m.attention)
+        self.layer = TransformerLayer(config, spec.submodules, layer_number=index + 1)
+        self.rope = None
+        if m.position_embedding == "rope":
+            from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+            on_cpu = not torch.cuda.is_available()
+            self.rope = RotaryEmbedding(
+                config.kv_channels, rotary_percent=1.0, rotary_base=m.rope_base, use_cpu_initialization=on_cpu
+            )
+        self.recompute_full = recompute_full
+        self._rope_cache: tuple[int, torch.Tensor] | None = None
+
+    def _rotary(self, seq: int) -> torch.Tensor | None:
+        if self.rope is None:
+            return None
+        if self._rope_cache is None or self._rope_cache[0] != seq:
+            self._rope_cache = (seq, self.rope(seq))
+        return self._rope_cache[1]
+
+    def _forward(self, h: torch.Tensor) -> torch.Tensor:
+        seq = h.shape[0] * (self.layer.config.tensor_model_parallel_size if self.layer.config.sequence_parallel else 1)
+        out, _ = self.layer(h, attention_mask=causal_mask(seq, h.device), rotary_pos_emb=self._rotary(seq))
+        return out
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.recompute_full and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._forward, h, use_reentrant=False)
+        return self._forward(h)
+
+
+class FinalNorm(nn.Module):
+    def __init__(self, config, m: ModelConfig):
+        super().__init__()
+        self.final_layernorm = SequenceParallelNorm(config, m.hidden_size, eps=config.layernorm_epsilon)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.final_layernorm(h)
+
+
+class OutputHead(nn.Module):
+    """[S, B, H] -> logits [S, B, V / tp]; with tied embeddings it borrows the embedding's weight."""
+
+    def __init__(self, config, m: ModelConfig, vocab: int, tied_to: EmbeddingStage | None = None):
+        super().__init__()
+        from megatron.core import tensor_parallel
+
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            m.hidden_size,
+            vocab,
+            config=config,
+            init_method=config.init_method,
+            bias=False,
+            gather_output=False,
+            skip_weight_param_allocation=tied_to is not None,
+        )
+        self._tied = [tied_to] if tied_to is not None else []  # a list: not registered as a submodule
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        weight = self._tied[0].embedding.word_embeddings.weight if self._tied else None
+        logits, _ = self.output_layer(h, weight=weight)
+        return logits
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; logits [S, B, V/tp] (vocab-parallel), labels (B, S).
+
+    megatron's vocab-parallel cross-entropy works in place: fp32 ``logits`` are overwritten. Gather or copy them
+    first if they are needed afterwards."""
+    from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+
+    labels = labels.transpose(0, 1).contiguous()
+    if not has_prompt_tokens(labels):
+        return vocab_parallel_cross_entropy(logits.float(), labels).mean()
+    keep = trained(labels)  # prompt tokens of fine-tuning data are not trained on
+    per_token = vocab_parallel_cross_entropy(logits.float(), labels.clamp(min=0))
+    return (per_token * keep).sum() / keep.sum().clamp(min=1)
+
+
+def gpt_layer_specs(
+    m: ModelConfig,
+    vocab_size: int,
+    seq_length: int,
+    tp: int,
+    precision: str = "fp32",
+    recompute: str = "none",
+    sequence_parallel: bool = False,
+) -> list[tuple[type, tuple]]:
+    """The model as (class, args) pairs, built lazily so each pipeline stage builds only its own layers."""
+    config = transformer_config(m, tp, precision, recompute, sequence_parallel)
+    vocab = padded_vocab(vocab_size)
+    layers: list[tuple[type, tuple]] = [(EmbeddingStage, (config, m, vocab, seq_length))]
+    layers += [(DecoderLayer, (config, m, i, recompute == "full")) for i in range(m.num_layers)]
+    layers += [(FinalNorm, (config, m)), (OutputHead, (config, m, vocab))]
+    return layers
+
+
+def build_sequential(specs: list[tuple[type, tuple]], tie_embeddings: bool = False) -> nn.Sequential:
+    """All layers in one process (PP = 1); ties the output head to the embedding if asked."""
+    mods = [cls(*args) for cls, args in specs[:-1]]
+    head_cls, head_args = specs[-1]
+    mods.append(head_cls(*head_args, tied_to=mods[0] if tie_embeddings else None))
+    return nn.Sequential(*mods)
