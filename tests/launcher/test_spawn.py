@@ -23,6 +23,8 @@ if role == "usr1":
     signal.signal(signal.SIGUSR1, lambda *a: sys.exit(75))
 if role == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if role == "sleep":  # record that the spawner asked it to stop (SIGTERM), rather than killing it
+    signal.signal(signal.SIGTERM, lambda *a: (open(f"{out}/term{rank}", "w").close(), sys.exit(143)))
 keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 open(f"{out}/env{rank}.tmp", "w").write(" ".join(os.environ[k] for k in keys))
 os.replace(f"{out}/env{rank}.tmp", f"{out}/env{rank}")  # ready: handlers installed, environment written
@@ -47,7 +49,8 @@ def _slept(tmp_path, n: int) -> list[int]:
 
 def test_every_rank_gets_torchrun_s_environment_and_a_failure_stops_the_others(tmp_path):
     rc = _group(tmp_path, "sleep", "exit3", "sleep")
-    assert rc == 3 and _slept(tmp_path, 3) == []  # the sleeping ranks were terminated, not waited for
+    assert rc == 3 and _slept(tmp_path, 3) == []  # the sleeping ranks were stopped, not waited for,
+    assert [r for r in range(3) if (tmp_path / f"term{r}").exists()] == [0, 2]  # and by SIGTERM first
     envs = [(tmp_path / f"env{r}").read_text().split() for r in range(3)]
     assert [e[:4] for e in envs] == [[str(r), str(r), "3", "3"] for r in range(3)]
     assert {e[4] for e in envs} == {"127.0.0.1"} and len({e[5] for e in envs}) == 1  # one rendezvous
