@@ -20,7 +20,7 @@ def skip_megatron_jit() -> None:
 
     megatron-core wraps its fused kernels (bias-GeLU/SwiGLU, bias-dropout, ...) in ``torch.compile`` when its
     modules are imported, which pulls in torch._inductor: about 3 s of CPU in every rank. Shardforge turns those
-    fusions off (``training.gpt.transformer_config``), so the wrapped functions never run. Does nothing once
+    fusions off (``training.model.gpt.transformer_config``), so the wrapped functions never run. Does nothing once
     megatron is imported."""
     if "megatron.core" in sys.modules or "megatron.core.jit" in sys.modules:
         return

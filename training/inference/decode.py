@@ -1,9 +1,10 @@
 """Inference for a trained model: the same GPT math in plain PyTorch, with a KV cache, from full weights.
 
 Training runs megatron-core layers spread over ranks; evaluation and generation run here, in one process, from a
-checkpoint's full weights (``training.consolidate.full_weights``). Same parameter names, same formulas (RMSNorm or
-LayerNorm, rotate-half RoPE or learned positions, grouped-query attention, SwiGLU or GELU), and the tests hold its
-logits to megatron's. Shapes: tokens (B, T) -> logits (B, T, V_padded); the cache holds (k, v) per layer.
+checkpoint's full weights (``training.checkpoint.reader.ready_weights``). Same parameter names, same formulas
+(RMSNorm or LayerNorm, rotate-half RoPE or learned positions, grouped-query attention, SwiGLU or GELU), and the
+tests hold its logits to megatron's. Shapes: tokens (B, T) -> logits (B, T, V_padded); the cache holds (k, v) per
+layer.
 """
 
 from __future__ import annotations
