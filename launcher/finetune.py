@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from core.config import RunConfig
@@ -16,14 +15,12 @@ def base_tokenizer_sha(spec: str) -> str | None:
     if not spec.startswith("ckpt:"):
         return None
     from data_pipeline.manifest import MANIFEST, read_manifest
-    from training.checkpoint.reader import resolve, run_config
+    from training.checkpoint.reader import data_identity, run_config
 
     base = spec[len("ckpt:") :]
-    state = Path(base) / "trainer.json" if (Path(base) / "config.json").is_file() else resolve(base) / "trainer.json"
-    if state.is_file():
-        identity = json.loads(state.read_text()).get("data_identity") or {}
-        if "tokenizer_sha256" in identity:
-            return identity["tokenizer_sha256"]
+    recorded = data_identity(base).get("tokenizer_sha256")
+    if recorded:
+        return recorded
     data_dir = Path(run_config(base)["data"]["output_dir"])
     if not (data_dir / MANIFEST).is_file():
         raise ConfigError(

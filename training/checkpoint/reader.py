@@ -68,6 +68,15 @@ def run_config(path: str | Path) -> dict:
     return json.loads((resolve(p) / "trainer.json").read_text())["config"]
 
 
+def data_identity(path: str | Path) -> dict:
+    """What a checkpoint records of its training data (tokenizer sha256, sample length); empty for a
+    consolidated, pruned or int8 folder, or a checkpoint saved before it was recorded."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return {}
+    return json.loads((resolve(p) / "trainer.json").read_text()).get("data_identity") or {}
+
+
 def full_weights(path: str | Path) -> tuple[dict, dict, int]:
     """A verified checkpoint's full fp32 weights (layer-list names), its run config (a dict) and its step; also
     reads consolidated, pruned and int8 folders."""
