@@ -194,3 +194,24 @@ def slurm_cluster():
         os.environ.pop("SLURM_CONF", None)
     else:
         os.environ["SLURM_CONF"] = saved
+
+
+def assert_same_tensors(a: Path, b: Path) -> list[str]:
+    """Two safetensors files hold the same names with bitwise equal tensors; returns the names."""
+    import torch
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    assert len(x) > 0 and x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), b
+    return list(x)
+
+
+def assert_same_model_state(run_a: Path, run_b: Path) -> None:
+    """The latest checkpoints of two runs hold bitwise equal weights and optimizer states in the same files (a
+    direct read of the checkpoint's model/ files: stricter than the consolidated weights, and no extra start)."""
+    roots = [run / "checkpoints" for run in (run_a, run_b)]
+    folders = [root / (root / "latest").read_text().strip() / "model" for root in roots]
+    names = sorted(p.name for p in folders[0].glob("*.safetensors"))
+    assert names and names == sorted(p.name for p in folders[1].glob("*.safetensors"))
+    keys = [k for name in names for k in assert_same_tensors(folders[0] / name, folders[1] / name)]
+    assert {k.split("/")[0] for k in keys} >= {"param", "exp_avg", "exp_avg_sq"}

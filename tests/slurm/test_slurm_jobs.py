@@ -10,8 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from conftest import REPO, TRAIN_ENV, final_weights, layout_args, train_command
+from conftest import REPO, TRAIN_ENV, assert_same_model_state, layout_args, train_command
 from slurm_helpers import scontrol_job, wait_for
 
 from launcher.slurm import last_step
@@ -111,8 +110,7 @@ def test_preemption_and_time_limit_requeue_and_match_an_uninterrupted_run(slurm_
     assert log.count("preempted by a signal") == 2
     result = json.loads((run / "train_result.json").read_text())
     assert result["steps"] == STEPS and result["start_step"] > 30 and result["resumed_from"]
-    a, b = final_weights(run), final_weights(reference)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise, after two requeues
+    assert_same_model_state(run, reference)  # weights and AdamW moments bitwise, after two requeues
     assert not pwned.exists() and not (REPO / pwned.name).exists()
 
     status = subprocess.run([sys.executable, "-m", "launcher.cli", "slurm", "status", str(run)], cwd=REPO,

@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import (
     REPO,
     TRAIN_ENV,
     assert_losses_close,
-    final_weights,
+    assert_same_model_state,
+    assert_same_tensors,
     layout_args,
     run_cli,
     shardforge_train,
@@ -66,28 +66,35 @@ def copy_run(run: Path, to: Path) -> Path:
     return to
 
 
-def test_resume_on_the_same_layout_is_bitwise_exact(prepared, tmp_path):
+@pytest.fixture(scope="module")
+def zero2_cut(prepared, tmp_path_factory) -> Path:
+    """2 ranks, ZeRO-2: a run stopped by ``train.exit_interval`` at step 5 (its checkpoint is the one to resume),
+    shared by the same-layout and the 2-ranks-to-1 resume."""
+    run = tmp_path_factory.mktemp("zero2") / "cut"
+    first = train(run, prepared, extra=[*layout_args(dp=2, zero=2), "train.exit_interval=5"], expect=EXIT_REQUEUE)
+    assert first["steps"] == 5 and len(first["losses"]) == 5
+    return run
+
+
+def test_resume_on_the_same_layout_is_bitwise_exact(prepared, tmp_path, zero2_cut):
     lay = layout_args(dp=2, zero=2)
     full = train(tmp_path / "full", prepared, extra=lay)
-    first = train(tmp_path / "cut", prepared, extra=[*lay, "train.exit_interval=5"], expect=EXIT_REQUEUE)
-    assert first["steps"] == 5 and first["losses"] == full["losses"][:5]
-    second = train(tmp_path / "cut", prepared, extra=lay)
+    first = json.loads((zero2_cut / "train_result.json").read_text())
+    assert first["losses"] == full["losses"][:5]
+    cut = copy_run(zero2_cut, tmp_path / "cut")
+    second = train(cut, prepared, extra=lay)
     assert second["resumed_from"].endswith("step_00000005") and second["start_step"] == 5
     assert second["losses"] == full["losses"][5:]  # bitwise: fp32 on CPU
     assert second["val"] == full["val"]  # validation history is part of the state
-    state = json.loads((tmp_path / "cut" / "checkpoints" / "step_00000010" / "trainer.json").read_text())
+    state = json.loads((cut / "checkpoints" / "step_00000010" / "trainer.json").read_text())
     assert state["loader"]["position"] == 10 * 8 and state["schedule"]["last_step"] == 10
     assert state["trainer"]["tokens_seen"] == 10 * 8 * 64
-    from safetensors.torch import load_file
-
     keys = []  # weights, AdamW moments and every rank's RNG states at step 10: bitwise the same
     for sub in ("model", "rng"):
         files = sorted((tmp_path / "full" / "checkpoints" / "step_00000010" / sub).glob("*.safetensors"))
         assert len(files) == {"model": 1, "rng": 2}[sub]
         for f in files:
-            a, b = load_file(str(f)), load_file(str(tmp_path / "cut" / "checkpoints" / "step_00000010" / sub / f.name))
-            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f.name
-            keys += list(a)
+            keys += assert_same_tensors(f, cut / "checkpoints" / "step_00000010" / sub / f.name)
     assert {k.split("/")[0] for k in keys} >= {"param", "exp_avg", "exp_avg_sq", "torch"}
 
 
@@ -99,8 +106,9 @@ def test_a_bf16_rnn_run_resumes_bitwise(prepared, tmp_path):
     second = train(tmp_path / "cut", prepared, steps=4, extra=extra)
     assert second["start_step"] == 2 and len(first["losses"]) == len(second["losses"]) == 2
     assert first["losses"] + second["losses"] == full["losses"]
-    a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "cut")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    final = sorted((tmp_path / "full" / "checkpoints" / "step_00000004" / "model").glob("*.safetensors"))
+    assert len(final) == 1  # one rank: the model file holds every weight (and ZeRO-1's fp32 master copy)
+    assert_same_tensors(final[0], tmp_path / "cut" / "checkpoints" / "step_00000004" / "model" / final[0].name)
 
 
 @pytest.mark.parametrize(
@@ -114,9 +122,16 @@ def test_a_bf16_rnn_run_resumes_bitwise(prepared, tmp_path):
     ],
     ids=lambda lay: "tp{}pp{}dp{}z{}".format(*lay),
 )
-def test_resume_onto_another_layout_continues_the_losses(before, after, prepared, tmp_path, uninterrupted):
+def test_resume_onto_another_layout_continues_the_losses(before, after, prepared, tmp_path, uninterrupted, request):
     run = tmp_path / "run"
-    train(run, prepared, extra=[*layout_args(*before), "train.exit_interval=5"], expect=EXIT_REQUEUE)
+    if before == (1, 1, 2, 2):
+        copy_run(request.getfixturevalue("zero2_cut"), run)
+    elif before == (1, 1, 1, 0):  # the one-rank reference run, as it was at step 5
+        copy_run(request.getfixturevalue("full_run"), run)
+        shutil.rmtree(run / "checkpoints" / "step_00000010")
+        (run / "checkpoints" / "latest").write_text("step_00000005\n")
+    else:
+        train(run, prepared, extra=[*layout_args(*before), "train.exit_interval=5"], expect=EXIT_REQUEUE)
     resumed = train(run, prepared, extra=layout_args(*after))
     assert resumed["start_step"] == 5
     assert_losses_close(resumed["losses"], uninterrupted["losses"][5:], 1e-6)
@@ -268,19 +283,38 @@ def signal_at_step(proc: subprocess.Popen, step: int, *signals: signal.Signals) 
     return proc.wait(timeout=300)
 
 
-def test_sigterm_to_a_multi_rank_run_checkpoints_exits_with_the_requeue_code_and_resumes(prepared, tmp_path):
-    run, steps, lay = tmp_path / "run", 20, layout_args(dp=2, zero=1)
-    reference = start_logged(tmp_path / "full", prepared, steps, lay)  # the uninterrupted run, beside
-    assert signal_at_step(start_logged(run, prepared, steps, lay), 7, signal.SIGTERM) == EXIT_REQUEUE
-    reference.stdout.read()
-    assert reference.wait(timeout=300) == 0
-    full = json.loads((tmp_path / "full" / "train_result.json").read_text())
+DP2 = ["checkpoint.interval=4", "train.eval_interval=1000", "logging.log_interval=1", *layout_args(dp=2, zero=1)]
+DP2_STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def dp2_reference(prepared, tmp_path_factory) -> tuple[Path, float]:
+    """An uninterrupted 2-rank ZeRO-1 run of 24 steps (a checkpoint every 4): the reference of the SIGTERM and the
+    fault-injection tests. Returns its folder and its start-up time (start until the first step's log line)."""
+    run = tmp_path_factory.mktemp("dp2") / "reference"
+    started, first_step = time.monotonic(), None
+    proc = subprocess.Popen(args_for(run, prepared, DP2_STEPS, DP2), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    for line in proc.stdout:
+        if first_step is None and line.startswith("step "):
+            first_step = time.monotonic() - started
+    assert proc.wait(timeout=600) == 0 and first_step is not None
+    return run, first_step
+
+
+def test_sigterm_to_a_multi_rank_run_checkpoints_exits_with_the_requeue_code_and_resumes(
+    prepared, tmp_path, dp2_reference
+):
+    run = tmp_path / "run"
+    assert signal_at_step(start_logged(run, prepared, DP2_STEPS, DP2), 7, signal.SIGTERM) == EXIT_REQUEUE
+    full = json.loads((dp2_reference[0] / "train_result.json").read_text())
     first = json.loads((run / "train_result.json").read_text())
     assert first["preempted"] and "preempted" in first["stop_reason"] and first["steps"] >= 7
     cut = first["steps"]
     assert verify_checkpoint(run / "checkpoints" / f"step_{cut:08d}") == []
-    second = train(run, prepared, steps=steps, extra=["logging.log_interval=1", *lay])
-    assert second["start_step"] == cut and first["losses"] + second["losses"] == full["losses"]
+    second = train(run, prepared, steps=DP2_STEPS, extra=DP2)
+    assert second["start_step"] == cut and len(full["losses"]) == DP2_STEPS
+    assert first["losses"] + second["losses"] == full["losses"]
 
 
 def test_ctrl_c_then_a_second_signal_during_the_save_still_checkpoints(prepared, tmp_path, uninterrupted):
@@ -375,22 +409,29 @@ def newest_complete_checkpoint(root: Path) -> int | None:
     return best
 
 
-def test_fault_injection_kill_9_at_random_moments(prepared, tmp_path):
+def logged_steps(text: str) -> tuple[int | None, int]:
+    """From a round's log: the step it started at (None before it chose a checkpoint or a fresh start) and the
+    last step it logged."""
+    resumed = re.search(r"resumed from \S*step_\d+ at step (\d+)", text)
+    start = int(resumed.group(1)) if resumed else (0 if "training gpt on" in text else None)
+    steps = [int(n) for n in re.findall(r"^step\s+(\d+)/", text, re.M)]
+    return start, max(steps, default=-1)
+
+
+def wait_for_log(proc: subprocess.Popen, log: Path, ready) -> None:
+    """Poll the round's log until ``ready(text)`` or the job ends."""
+    while proc.poll() is None and not ready(log.read_text()):
+        time.sleep(0.02)
+
+
+def test_fault_injection_kill_9_at_random_moments(prepared, tmp_path, dp2_reference):
     """6 rounds: kill -9 a random rank of a 2-rank job at a random moment (every third round during start-up or
-    checkpoint loading, the others while steps and saves run), then start again with resume=auto. Round by round
-    the next start resumes from the newest checkpoint that is complete on disk (checked here by hashing, not by
-    the manager), or starts fresh when there is none; `latest` never names an incomplete checkpoint; the final
-    weights equal the uninterrupted run's."""
-    steps = 32
-    extra = ["checkpoint.interval=4", "train.eval_interval=1000", "logging.log_interval=1", *layout_args(dp=2, zero=1)]
-    started, first_step = time.monotonic(), None
-    ref = subprocess.Popen(args_for(tmp_path / "ref", prepared, steps, extra), cwd=REPO, env=ENV,
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
-    for line in ref.stdout:
-        if first_step is None and line.startswith("step "):
-            first_step = time.monotonic() - started  # start-up (imports, init, resume) until the first step
-    assert ref.wait(timeout=600) == 0
-    training = time.monotonic() - started - first_step
+    checkpoint loading, the others 5 to 9 steps after the round's start, a random 0-0.3 s into the step or the save
+    that follows), then start again with resume=auto. Round by round the next start resumes from the newest
+    checkpoint that is complete on disk (checked here by hashing, not by the manager), or starts fresh when there
+    is none; `latest` never names an incomplete checkpoint; the final weights equal the uninterrupted run's."""
+    reference, first_step = dp2_reference
+    steps, extra = DP2_STEPS, DP2
     run, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
     rng = random.Random(7)
     expected, seen, victims = [], [], []
@@ -400,19 +441,29 @@ def test_fault_injection_kill_9_at_random_moments(prepared, tmp_path):
         with open(log, "w") as out:
             proc = subprocess.Popen(args_for(run, prepared, steps, extra), cwd=REPO, env=ENV, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        delay = rng.uniform(0, first_step) if i % 3 == 0 else first_step + rng.uniform(0, 0.7) * training
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            pass
+        if i % 3 == 0:  # during start-up, or while the checkpoint loads
+            try:
+                proc.wait(timeout=rng.uniform(0, first_step))
+            except subprocess.TimeoutExpired:
+                pass
+        else:  # while steps and saves run: not timed, counted in logged steps
+            k = rng.randint(5, 9)  # at least one checkpoint boundary (every 4) is passed and its save finished
+
+            def ready(text: str, k=k) -> bool:
+                start, last = logged_steps(text)
+                return start is not None and last >= start + k
+
+            wait_for_log(proc, log, ready)
+            time.sleep(rng.uniform(0, 0.3))
         victims.append(_kill_random_rank(proc, rng) if proc.returncode is None else "finished")
-        text = log.read_text()
-        resumed = re.search(r"resumed from \S*step_(\d+) at step (\d+)", text)
-        seen.append(int(resumed.group(1)) if resumed else ("fresh" if "training gpt on" in text else "unknown"))
+        start, _ = logged_steps(log.read_text())
+        resumed = re.search(r"resumed from \S*step_(\d+) at step", log.read_text())
+        seen.append(int(resumed.group(1)) if resumed else ("fresh" if start == 0 else "unknown"))
         if (root / "latest").exists():
             target = (root / "latest").read_text().strip()
             assert newest_complete_checkpoint(root) is not None and verify_checkpoint(root / target) == [], target
     print(f"fault injection: kills {victims}; newest complete before each round {expected}; resumed from {seen}")
+    assert len(seen) == len(expected) == 6
     for i, (want, got) in enumerate(zip(expected, seen)):
         if got != "unknown":  # "unknown": killed before it had chosen a checkpoint
             assert got == ("fresh" if want is None else want), f"round {i}: resumed {got}, newest complete {want}"
@@ -421,5 +472,4 @@ def test_fault_injection_kill_9_at_random_moments(prepared, tmp_path):
     final = train(run, prepared, steps=steps, extra=extra)
     assert final["resumed_from"] == (None if want is None else str(root / f"step_{want:08d}"))
     assert final["steps"] == steps
-    a, b = final_weights(tmp_path / "ref"), final_weights(run)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_model_state(reference, run)
