@@ -168,7 +168,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = _load(args)
     gpus = args.gpus or cfg.parallel.nproc
     vocab = cfg.tokenizer.vocab_size
-    text, plan = summary(cfg, vocab, args.gpu, gpus, args.mfu, args.price_per_gpu_hour, args.tokens)
+    text, plan = summary(cfg, vocab, args.gpu, gpus, args.mfu, args.price_per_gpu_hour, args.tokens, args.node_gbps)
     print(text)
     if args.search:
         fits, rejected = search(cfg, vocab, args.gpu, gpus, args.mfu)
@@ -455,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization (default 0.4)")
     p.add_argument("--price-per-gpu-hour", type=float, default=None, help="price of one device-hour")
     p.add_argument("--tokens", type=float, default=None, help="training tokens (default: 20 per parameter)")
+    p.add_argument("--node-gbps", type=float, default=2.0, help="storage GB/s per node for checkpoint I/O (default 2)")
     p.add_argument("--search", action="store_true", help="list every layout that fits, fastest first")
     p.add_argument("--top", type=int, default=10, help="how many layouts --search lists")
     p.set_defaults(func=cmd_plan)

@@ -170,8 +170,50 @@ def search(cfg: RunConfig, vocab: int, gpu: str, gpus: int, mfu: float) -> tuple
     return fits, rejected
 
 
+@dataclass
+class CheckpointIO:
+    """A checkpoint's size and I/O on ``nodes`` nodes at ``node_gbps`` GB/s of storage bandwidth per node: every
+    rank writes (and on resume reads) its 1/world share, so each node moves ``bytes / nodes``."""
+
+    bytes: float
+    nodes: int
+    node_gbps: float
+    writer_nodes_format1: int  # format 1: DP rank 0 of each TP x PP slice wrote it alone
+
+    @property
+    def per_node(self) -> float:
+        return self.bytes / self.nodes
+
+    @property
+    def seconds(self) -> float:
+        return self.per_node / (self.node_gbps * 1e9)
+
+    @property
+    def seconds_format1(self) -> float:
+        return self.bytes / self.writer_nodes_format1 / (self.node_gbps * 1e9)
+
+
+def checkpoint_io(cfg: RunConfig, vocab: int, tp: int, pp: int, gpus: int, node_gbps: float) -> CheckpointIO:
+    """Checkpoint bytes (fp32 master plus the optimizer's fp32 states per parameter) and their spread over the
+    nodes (``slurm.gpus_per_node``, 8 when unset)."""
+    from training.checkpoint.canonical import OPTIMIZER_KEYS
+
+    n = gpt_parameter_count(cfg.model, vocab, cfg.data.seq_length)
+    per_node = cfg.slurm.gpus_per_node or 8
+    nodes = max(1, math.ceil(gpus / per_node))
+    writer_nodes = max(1, min(nodes, math.ceil(tp * pp / per_node)))  # format 1's writers: tp*pp ranks, packed
+    return CheckpointIO(n * 4.0 * (1 + len(OPTIMIZER_KEYS[cfg.optim.name])), nodes, node_gbps, writer_nodes)
+
+
 def summary(
-    cfg: RunConfig, vocab: int, gpu: str, gpus: int, mfu: float, price: float | None, tokens: float | None
+    cfg: RunConfig,
+    vocab: int,
+    gpu: str,
+    gpus: int,
+    mfu: float,
+    price: float | None,
+    tokens: float | None,
+    node_gbps: float = 2.0,
 ) -> tuple[str, Plan]:
     """The text ``shardforge plan`` prints for the config's own layout."""
     p, m = cfg.parallel, cfg.model
@@ -196,6 +238,15 @@ def summary(
         f"step: {plan.step_s:.3f} s for {cfg.train.global_batch_size * cfg.data.seq_length:,} tokens at MFU {mfu:.0%}",
         f"target: {tokens:.3e} tokens ({tokens / n:.0f} per parameter) = {steps:,.0f} steps, {hours:,.1f} h, "
         f"{hours * gpus:,.0f} GPU-hours" + (f", ${hours * gpus * price:,.0f}" if price else ""),
+        _checkpoint_line(checkpoint_io(cfg, vocab, lay.tp, lay.pp, gpus, node_gbps)),
         "fits" if not plan.problems else "DOES NOT FIT: " + "; ".join(plan.problems),
     ]
     return "\n".join(lines), plan
+
+
+def _checkpoint_line(io: CheckpointIO) -> str:
+    return (
+        f"checkpoint: {io.bytes / 1e9:,.1f} GB (fp32 masters + optimizer states), {io.per_node / 1e9:,.1f} GB per "
+        f"node on {io.nodes} nodes: save or load ~{io.seconds:,.1f} s at {io.node_gbps:g} GB/s per node (one writer "
+        f"per TP x PP slice would need ~{io.seconds_format1:,.0f} s)"
+    )

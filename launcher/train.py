@@ -108,6 +108,7 @@ def _result(trainer, val, ckpt, resumed_from, layout, manager) -> dict:
         "start_step": trainer.state.step - len(trainer.losses),
         "checkpoint_saves": manager.saves,
         "checkpoint_load_seconds": manager.load_seconds,
+        "checkpoint_read_bytes": manager.read_bytes,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
 
@@ -158,9 +159,7 @@ def build_and_train(cfg: RunConfig) -> dict:
             cfg, layout, log=print if layout.rank == 0 else (lambda *a, **k: None), data_identity=identity
         )
         stateful = {"trainer": trainer.state, "schedule": engine.ds.lr_scheduler, "loader": train, "validation": val}
-        resumed_from = manager.find_resume()
-        if resumed_from is not None:
-            manager.load(resumed_from, engine, stateful)
+        resumed_from = manager.resume(engine, stateful)
         ckpt = Checkpointing(
             manager, engine, stateful, cfg.checkpoint.interval, t.exit_interval, PREEMPTION, device=layout.device
         )

@@ -36,6 +36,7 @@ class Layout:
     pp_group: object
     dp_group: object
     mp_group: object  # tensor x pipeline: the ranks that hold one copy of the model
+    stage_group: object  # tensor x data: the ranks of one pipeline stage
 
     @property
     def is_first_stage(self) -> bool:
@@ -118,6 +119,7 @@ def init_distributed(cfg: ParallelConfig, timeout_s: float = 600.0) -> Layout:
         pp_group=ps.get_pipeline_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(),
         mp_group=ps.get_model_parallel_group(),
+        stage_group=ps.get_tensor_and_data_parallel_group(),
     )
 
 

@@ -131,6 +131,14 @@ def test_plan_command_for_7b_matches_a_hand_calculation():
     assert tokens == pytest.approx(20 * params, rel=1e-3) and steps == math.ceil(20 * params / (gbs * S))
     assert hours == pytest.approx(steps * step_s / 3600, abs=0.06)
     assert gpu_hours == pytest.approx(hours * gpus, abs=0.06 * gpus) and cost == pytest.approx(gpu_hours * 2, abs=2)
+    # checkpoint: fp32 master + AdamW's two fp32 moments = 12 bytes per parameter, spread over 8 nodes of 8;
+    # at 2 GB/s per node; format 1 had one writer per TP slice (2 ranks: one node)
+    size_gb, per_node_gb, nodes, seconds, gbps, format1_s = _numbers(out["checkpoint"].replace("fp32", ""))[:6]
+    assert size_gb == pytest.approx(12 * params / 1e9, abs=0.05) and nodes == 8 and gbps == 2
+    assert per_node_gb == pytest.approx(12 * params / 1e9 / 8, abs=0.05)
+    assert seconds == pytest.approx(12 * params / 8 / 2e9, abs=0.05) and format1_s == pytest.approx(
+        12 * params / 2e9, abs=0.5
+    )
 
 
 @pytest.mark.parametrize("config", ["llama-1b", "llama-70b"])

@@ -1,6 +1,8 @@
-"""The canonical, layout-independent model and optimizer state of a checkpoint.
+"""The canonical, layout-independent model and optimizer state: its keys, how each parameter's fp32 master and
+optimizer states are read from and set into a DeepSpeed engine, and the reader of format-1 checkpoints.
 
-Each (TP rank, PP stage) writes one safetensors file holding, for every parameter it owns (global names such as
+Format 2 (``training.checkpoint.shards``) spreads these keys over every rank. In format 1 (still loaded), each
+(TP rank, PP stage) wrote one safetensors file holding, for every parameter it owns (global names such as
 ``"3.layer.mlp.linear_fc1.weight"``), the fp32 master weight of its TP slice (complete over data-parallel ranks,
 whatever the ZeRO stage) and the optimizer's per-parameter states (``exp_avg``, ``exp_avg_sq``, ...). Loading
 reassembles each full tensor from the old TP slices and cuts it for the new layout (``parallelism.tp_plan``), so
@@ -13,7 +15,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from core.errors import IntegrityError
 from parallelism.tp_plan import shard, unshard
@@ -37,7 +38,7 @@ def _base_optimizer(ds_engine):
     return getattr(opt, "optimizer", opt)
 
 
-def _get(p, ds_engine, key: str | None) -> torch.Tensor | None:
+def full_value(p, ds_engine, key: str | None) -> torch.Tensor | None:
     """Full-over-DP fp32 value of parameter ``p`` (key None) or of one of its optimizer states (collective)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
@@ -49,7 +50,7 @@ def _get(p, ds_engine, key: str | None) -> torch.Tensor | None:
     return state[key].detach().float() if key in state else None
 
 
-def _set(p, ds_engine, key: str | None, value: torch.Tensor) -> None:
+def set_value(p, ds_engine, key: str | None, value: torch.Tensor) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     value = value.to(p.device)
@@ -103,23 +104,6 @@ def set_optimizer_step_count(ds_engine, step: int) -> None:
                 state["step"] = torch.tensor(float(step))
 
 
-def gather_canonical(ds_engine, optimizer_name: str, keep: bool) -> dict[str, torch.Tensor]:
-    """This rank's TP slice of every owned parameter and its optimizer states; every DP rank must call this
-    (ZeRO gathers are collective); only a rank with ``keep`` returns the tensors."""
-    prepare_optimizer_states(ds_engine, optimizer_name)
-    out = {}
-    for name, p in ds_engine.module.named_parameters():
-        for key in (None, *OPTIMIZER_KEYS[optimizer_name]):
-            value = _get(p, ds_engine, key)
-            if keep and value is not None:
-                out[f"{key or 'param'}/{name}"] = value.detach().to("cpu", copy=True).contiguous()
-    return out
-
-
-def write_canonical(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    save_file(tensors, str(path), metadata=meta)
-
-
 class CanonicalReader:
     """Index of the canonical files of a checkpoint: which file holds each (kind, name) for each old TP rank."""
 
@@ -162,7 +146,7 @@ def load_canonical(ds_engine, reader: CanonicalReader, optimizer_name: str, tp: 
             if tuple(local.shape) != expected:
                 mismatched.append(f"{name} {tuple(local.shape)} vs model {expected}")
                 continue
-            _set(p, ds_engine, key, local)
+            set_value(p, ds_engine, key, local)
     if missing or mismatched:
         what = "; ".join([f"missing {n}" for n in missing[:3]] + mismatched[:3])
         raise IntegrityError(

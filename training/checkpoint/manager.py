@@ -19,14 +19,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 
 from core.config import RunConfig
 from core.errors import ConfigError, IntegrityError, StorageError
-from core.files import fsync_dir, fsync_file, sha256_file
+from core.files import fsync_dir, fsync_file, write_json_atomic
 from parallelism.layout import Layout
-from training.checkpoint import canonical
-from training.checkpoint.format import FORMAT, step_dir_name, verify_checkpoint, write_manifest
+from training.checkpoint import canonical, shards
+from training.checkpoint.format import (
+    FORMAT,
+    check_checkpoint,
+    read_manifest,
+    step_dir_name,
+    write_manifest,
+)
 
 
 def save_failed(step: int, e: OSError) -> StorageError:
@@ -44,8 +50,9 @@ class CheckpointManager:
         self.data_identity = data_identity or {}
         self.root = Path(cfg.checkpoint.dir)
         self.gated = cfg.model.activation == "swiglu"
-        self.saves: list[dict] = []  # step, bytes, seconds of every save (rank 0)
+        self.saves: list[dict] = []  # every save: step, seconds (blocked, gather, write, background), bytes
         self.load_seconds: float | None = None
+        self.read_bytes: int | None = None  # model-file bytes this rank read (and verified) to resume
 
     # --- saving ---------------------------------------------------------------------------------------
     def save(self, step: int, engine, stateful: dict) -> Path:
@@ -65,8 +72,8 @@ class CheckpointManager:
             except OSError as e:
                 raise save_failed(step, e) from None
         dist.barrier()
-        keep = lay.dp_rank == 0
-        tensors = canonical.gather_canonical(engine.ds, self.cfg.optim.name, keep)
+        gathered = time.perf_counter()
+        tensors, shares = shards.gather_share(engine.ds, self.cfg.optim.name, lay.dp, lay.dp_rank)
         rng = self._rng_tensors()
         state_text = None
         if lay.rank == 0:
@@ -76,21 +83,29 @@ class CheckpointManager:
             state["layout"] = self._layout_dict()
             state["data_identity"] = self.data_identity
             state_text = json.dumps(state, indent=1)
-        record = {"step": step, "blocked_seconds": 0.0, "seconds": 0.0, "bytes": 0}
+        gathered = time.perf_counter() - gathered
+        record = {"step": step, "blocked_seconds": 0.0, "seconds": 0.0, "bytes": 0, "gather_seconds": gathered}
 
         def write() -> None:
             try:
-                self._write_files(tmp, tensors if keep else None, rng, state_text)
+                written = time.perf_counter()
+                files = self._write_files(tmp, tensors, shares, rng, state_text)
+                record["write_seconds"], record["bytes_this_rank"] = time.perf_counter() - written, files
+                tensors.clear()  # this rank's share: the only copy of the state the save holds
                 if lay.rank == 0:
-                    self._wait_for_ranks(tmp)
-                    self._publish(tmp, final, step)
+                    entries = self._wait_for_ranks(tmp)
+                    published = time.perf_counter()
+                    self._publish(tmp, final, step, entries)
                     self._apply_retention()
-                    record["bytes"] = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
+                    record["publish_seconds"] = time.perf_counter() - published
+                    record["bytes"] = sum(meta["bytes"] for meta in entries.values())
             except OSError as e:  # raised in the caller's thread by wait() (async) or right after (sync)
                 self._failure = save_failed(step, e)
             record["seconds"] = time.perf_counter() - started
+            record["background_seconds"] = record["seconds"] - record["blocked_seconds"] if asynchronous else 0.0
 
-        if self.cfg.checkpoint.async_save:
+        asynchronous = self.cfg.checkpoint.async_save
+        if asynchronous:
             record["blocked_seconds"] = time.perf_counter() - started
             self._pending = threading.Thread(target=write, name=f"checkpoint-{step}", daemon=False)
             self._pending.start()
@@ -99,8 +114,7 @@ class CheckpointManager:
             self._raise_failure()
             dist.barrier()  # published everywhere before anyone goes on
             record["blocked_seconds"] = time.perf_counter() - started
-        if lay.rank == 0:
-            self.saves.append(record)
+        self.saves.append(record)
         return final
 
     def wait(self) -> None:
@@ -116,28 +130,32 @@ class CheckpointManager:
         if failure is not None:
             raise failure
 
-    def _write_files(self, tmp: Path, tensors: dict | None, rng: dict, state_text: str | None) -> None:
+    def _write_files(self, tmp: Path, tensors: dict, shares: dict, rng: dict, state_text: str | None) -> int:
+        """This rank's files, each hashed as it is written; the entries go into ``.done-RANK.json`` (written
+        last, atomically), from which rank 0 builds the manifest. Returns the bytes this rank wrote."""
         lay = self.layout
-        if tensors is not None:
-            path = tmp / "model" / f"tp{lay.tp_rank}_pp{lay.pp_rank}.safetensors"
-            canonical.write_canonical(path, tensors, {"tp": str(lay.tp), "pp": str(lay.pp)})
-            fsync_file(path)
-        path = tmp / "rng" / f"rank{lay.rank:05d}.safetensors"
-        save_file(rng, str(path))
-        fsync_file(path)
+        name = shards.file_name(lay.tp_rank, lay.pp_rank, lay.dp_rank)
+        entries = shards.write_share(tmp / "model", name, tensors, shares, {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp})
+        entries[f"rng/rank{lay.rank:05d}.safetensors"] = shards.write_hashed(
+            tmp / "rng" / f"rank{lay.rank:05d}.safetensors", serialize(rng)
+        )
         if state_text is not None:
-            (tmp / "trainer.json").write_text(state_text)
-            fsync_file(tmp / "trainer.json")
-        (tmp / f".done-{lay.rank:05d}").touch()  # a marker, so rank 0 knows this rank's files are complete
+            entries["trainer.json"] = shards.write_hashed(tmp / "trainer.json", state_text.encode())
+        write_json_atomic(tmp / f".done-{lay.rank:05d}.json", entries)
+        return sum(meta["bytes"] for meta in entries.values())
 
-    def _wait_for_ranks(self, tmp: Path, timeout_s: float = 3600.0) -> None:
+    def _wait_for_ranks(self, tmp: Path, timeout_s: float = 3600.0) -> dict[str, dict]:
+        """Rank 0: wait for every rank's ``.done`` record; return all files' entries (merged, not re-hashed)."""
         deadline = time.monotonic() + timeout_s
-        while len(list(tmp.glob(".done-*"))) < self.layout.world:
+        while len(list(tmp.glob(".done-*.json"))) < self.layout.world:
             if time.monotonic() > deadline:
                 raise IntegrityError(f"checkpoint {tmp}: not every rank finished writing within {timeout_s:.0f} s")
             time.sleep(0.02)
-        for marker in tmp.glob(".done-*"):
+        entries = {}
+        for marker in sorted(tmp.glob(".done-*.json")):
+            entries.update(json.loads(marker.read_text()))
             marker.unlink()
+        return entries
 
     def _layout_dict(self) -> dict:
         lay = self.layout
@@ -153,10 +171,8 @@ class CheckpointManager:
             tensors[f"tracker/{name}"] = st.cpu().clone()
         return tensors
 
-    def _publish(self, tmp: Path, final: Path, step: int) -> None:
-        files = {}
-        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            files[str(f.relative_to(tmp))] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+    def _publish(self, tmp: Path, final: Path, step: int, entries: dict[str, dict]) -> None:
+        files = dict(sorted(entries.items()))
         write_manifest(tmp, {"format": FORMAT, "step": step, "layout": self._layout_dict(), "files": files})
         for d in (tmp, tmp / "model", tmp / "rng"):
             fsync_dir(d)
@@ -180,6 +196,25 @@ class CheckpointManager:
                 shutil.rmtree(self.root / step_dir_name(s), ignore_errors=True)
 
     # --- finding and loading ----------------------------------------------------------------------------
+    def resume(self, engine, stateful: dict) -> Path | None:
+        """Collective: load the checkpoint ``checkpoint.resume`` names (``auto``: the newest that passes the cheap
+        check and whose bytes verify as the ranks read them, skipping and naming damaged ones); return its path,
+        or None for a fresh start."""
+        self.damaged: dict[str, str] = {}
+        while True:
+            path = self.find_resume()
+            if path is None:
+                return None
+            try:
+                self.load(path, engine, stateful)
+                return path
+            except shards.CorruptCheckpoint as e:
+                if self.cfg.checkpoint.resume != "auto":
+                    raise IntegrityError(f"checkpoint.resume={self.cfg.checkpoint.resume}: {e}") from None
+                if self.layout.rank == 0:
+                    print(f"warning: skipping checkpoint {path}: {e}", file=sys.stderr, flush=True)
+                self.damaged[str(path)] = str(e)
+
     def find_resume(self) -> Path | None:
         """The checkpoint to resume from, or None; only rank 0 reads the disk, then broadcasts the choice."""
         choice = [None]
@@ -199,7 +234,7 @@ class CheckpointManager:
             return None
         if resume != "auto":
             path = Path(resume)
-            problems = verify_checkpoint(path)
+            problems = check_checkpoint(path)
             if problems:
                 raise IntegrityError(
                     f"checkpoint.resume={resume}: {problems[0]}",
@@ -207,13 +242,14 @@ class CheckpointManager:
                 )
             return str(path)
         candidates = sorted((p for p in self.root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), reverse=True)
-        first_problem = None
+        damaged, first_problem = getattr(self, "damaged", {}), None
         for path in candidates:
-            problems = verify_checkpoint(path)
+            problems = [damaged[str(path)]] if str(path) in damaged else check_checkpoint(path)
             if not problems:
                 return str(path)
             first_problem = first_problem or problems[0]
-            print(f"warning: skipping checkpoint {path}: {problems[0]}", file=sys.stderr, flush=True)
+            if str(path) not in damaged:  # (a damaged one was named when its load failed)
+                print(f"warning: skipping checkpoint {path}: {problems[0]}", file=sys.stderr, flush=True)
         if candidates:  # never a silent fresh start over damaged checkpoints (retention could then delete them)
             raise IntegrityError(
                 f"checkpoint.resume=auto: none of the {len(candidates)} checkpoints in {self.root} verifies "
@@ -229,10 +265,19 @@ class CheckpointManager:
         state = json.loads((path / "trainer.json").read_text())
         self._check_resumable(path, state)
         old = state["layout"]
-        reader = canonical.CanonicalReader(path / "model", old["tp"])
-        canonical.load_canonical(
-            engine.ds, reader, self.cfg.optim.name, self.layout.tp, self.layout.tp_rank, self.gated
-        )
+        manifest = read_manifest(path)
+        if manifest.get("format") == FORMAT:
+            index = shards.build_index(path / "model", old["tp"])
+            reader = shards.ChunkReader(path, manifest["files"])
+            try:
+                shards.load_into(engine.ds, index, reader, self.cfg.optim.name, self.layout, self.gated)
+            finally:
+                self.read_bytes = reader.bytes_read
+        else:  # format 1: one file per TP x PP slice (verified whole by the cheap check)
+            reader = canonical.CanonicalReader(path / "model", old["tp"])
+            canonical.load_canonical(
+                engine.ds, reader, self.cfg.optim.name, self.layout.tp, self.layout.tp_rank, self.gated
+            )
         canonical.set_optimizer_step_count(engine.ds, state["optimizer_step"])
         for name, obj in stateful.items():
             if name in state:

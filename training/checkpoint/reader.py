@@ -15,7 +15,8 @@ import torch
 
 from core.errors import IntegrityError
 from training.checkpoint.canonical import CanonicalReader
-from training.checkpoint.format import verify_checkpoint
+from training.checkpoint.format import FORMAT, check_checkpoint, read_manifest
+from training.checkpoint.shards import full_tensors
 
 
 def resolve(path: str | Path) -> Path:
@@ -84,14 +85,21 @@ def full_weights(path: str | Path) -> tuple[dict, dict, int]:
     if folder is not None:
         return folder[:3]
     p = resolve(path)
-    problems = verify_checkpoint(p)
+    problems = check_checkpoint(p)  # format 2's model files are verified chunk by chunk as they are read
     if problems:
         raise IntegrityError(f"checkpoint {p} does not verify: {problems[0]}", fix="use another step_N folder")
     trainer = json.loads((p / "trainer.json").read_text())
     cfg, lay = trainer["config"], trainer["layout"]
     gated = cfg["model"]["activation"] == "swiglu"
-    reader = CanonicalReader(p / "model", lay["tp"])
-    tensors = {k.split("/", 1)[1]: reader.full(k, gated) for k in sorted(reader.files) if k.startswith("param/")}
+    manifest = read_manifest(p)
+    if manifest.get("format") == FORMAT:
+        try:
+            tensors = full_tensors(p, manifest["files"], lay["tp"], gated)
+        except IntegrityError as e:
+            raise IntegrityError(f"checkpoint {p} does not verify: {e}", fix="use another step_N folder") from None
+    else:
+        reader = CanonicalReader(p / "model", lay["tp"])
+        tensors = {k.split("/", 1)[1]: reader.full(k, gated) for k in sorted(reader.files) if k.startswith("param/")}
     return tensors, cfg, trainer["trainer"]["step"]
 
 

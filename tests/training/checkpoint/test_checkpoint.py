@@ -26,10 +26,12 @@ from conftest import (
     shardforge_train,
     train_command,
 )
+from safetensors.torch import load_file
 
 from core.config import validate_config
 from core.errors import EXIT_INTEGRITY, EXIT_REQUEUE, EXIT_USAGE
-from training.checkpoint.manager import CheckpointManager, verify_checkpoint
+from training.checkpoint.format import verify_checkpoint
+from training.checkpoint.manager import CheckpointManager
 
 ENV = {**os.environ, **TRAIN_ENV}
 
@@ -92,10 +94,19 @@ def test_resume_on_the_same_layout_is_bitwise_exact(prepared, tmp_path, zero2_cu
     keys = []  # weights, AdamW moments and every rank's RNG states at step 10: bitwise the same
     for sub in ("model", "rng"):
         files = sorted((tmp_path / "full" / "checkpoints" / "step_00000010" / sub).glob("*.safetensors"))
-        assert len(files) == {"model": 1, "rng": 2}[sub]
+        assert [f.name for f in files] == {"model": ["tp0_pp0_dp0.safetensors", "tp0_pp0_dp1.safetensors"],
+                                           "rng": ["rank00000.safetensors", "rank00001.safetensors"]}[sub]  # fmt: skip
         for f in files:
             keys += assert_same_tensors(f, cut / "checkpoints" / "step_00000010" / sub / f.name)
     assert {k.split("/")[0] for k in keys} >= {"param", "exp_avg", "exp_avg_sq", "torch"}
+    # each DP rank wrote half of every tensor: the two model files differ by at most a few elements per tensor
+    model = cut / "checkpoints" / "step_00000010" / "model"
+    sizes = [(model / f"tp0_pp0_dp{d}.safetensors").stat().st_size for d in (0, 1)]
+    n_params = sum(t.numel() for t in load_file(str(model / "tp0_pp0_dp0.safetensors")).values()) / 1.5  # 3 keys
+    assert abs(sizes[0] - sizes[1]) < 0.01 * sum(sizes) and sum(sizes) > 3 * 4 * n_params
+    # the resuming rank 0 read its own file (and its chunk sums), not its neighbour's
+    assert second["checkpoint_read_bytes"] <= 1.1 * (model.parent.parent / "step_00000005" / "model"
+                                                     / "tp0_pp0_dp0.safetensors").stat().st_size  # fmt: skip
 
 
 def test_a_bf16_rnn_run_resumes_bitwise(prepared, tmp_path):
@@ -143,20 +154,20 @@ def test_corrupt_or_partial_checkpoints_are_skipped_and_named(prepared, full_run
     run = copy_run(full_run, tmp_path / "run")
     root = run / "checkpoints"
     newest = root / "step_00000010"
-    model = next((newest / "model").glob("*.safetensors"))
-    data = bytearray(model.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    model.write_bytes(bytes(data))
+    model = newest / "model" / "tp0_pp0_dp0.safetensors"
+    flip_byte(model)
     assert any("sha256 does not match" in p and model.name in p for p in verify_checkpoint(newest))
     (root / "step_00000020.tmp").mkdir()  # an interrupted save
     (root / "step_00000015").mkdir()  # a folder without a manifest
     cfg = validate_config({"checkpoint": {"dir": str(root)}})
-    chosen = CheckpointManager(cfg, layout=None)._choose()
-    assert chosen == str(root / "step_00000005")
+    # the cheap check before a resume (no re-hash of model files) passes over the partial ones, naming them
+    assert CheckpointManager(cfg, layout=None)._choose() == str(newest)
     err = capsys.readouterr().err
-    assert "skipping checkpoint" in err and "step_00000010" in err and "step_00000015" in err
+    assert "skipping checkpoint" in err and "step_00000015" in err and "step_00000010" not in err
     r = train(run, prepared, steps=12, extra=[f"checkpoint.resume={newest}"], expect=EXIT_INTEGRITY)
-    assert "checkpoint.resume=" in r["stderr"] and "sha256 does not match" in r["stderr"]
+    assert (
+        "checkpoint.resume=" in r["stderr"] and model.name in r["stderr"] and "do not match their sha256" in r["stderr"]
+    )
     cli = subprocess.run(
         [sys.executable, "-m", "launcher.cli", "checkpoint", "verify", str(newest)],
         cwd=REPO,
@@ -164,6 +175,11 @@ def test_corrupt_or_partial_checkpoints_are_skipped_and_named(prepared, full_run
         text=True,
     )
     assert cli.returncode == EXIT_INTEGRITY and model.name in cli.stdout
+    # resume=auto: the rank that reads the flipped byte finds it; step 10 is named and step 5 resumes
+    r, resumed = shardforge_train(run, prepared, *_overrides(12, []))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"skipping checkpoint {newest}" in r.stderr and model.name in r.stderr
+    assert resumed["resumed_from"] == str(root / "step_00000005") and resumed["start_step"] == 5
 
 
 def flip_byte(path: Path) -> None:
@@ -172,7 +188,9 @@ def flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damaged", ["trainer.json", "rng/rank00000.safetensors", "manifest.json"])
+@pytest.mark.parametrize(
+    "damaged", ["trainer.json", "rng/rank00000.safetensors", "manifest.json", "model/tp0_pp0_dp0.sums.json"]
+)
 def test_a_damaged_state_file_or_manifest_makes_its_checkpoint_skipped_and_named(full_run, tmp_path, capsys, damaged):
     root = copy_run(full_run, tmp_path / "run") / "checkpoints"
     newest = root / "step_00000010"
@@ -473,3 +491,38 @@ def test_fault_injection_kill_9_at_random_moments(prepared, tmp_path, dp2_refere
     assert final["resumed_from"] == (None if want is None else str(root / f"step_{want:08d}"))
     assert final["steps"] == steps
     assert_same_model_state(reference, run)
+
+
+def as_format_1(ckpt: Path) -> None:
+    """Rewrite a one-rank format-2 checkpoint as an older Shardforge wrote it: one model file per TP x PP slice
+    holding each key's whole slice, and a format-1 manifest."""
+    from safetensors.torch import save_file
+
+    from training.checkpoint import shards
+
+    files = json.loads((ckpt / "manifest.json").read_text())["files"]
+    tensors = shards.full_tensors(ckpt, files, old_tp=1, gated=False, prefix="")
+    for f in (ckpt / "model").iterdir():
+        f.unlink()
+    save_file(tensors, str(ckpt / "model" / "tp0_pp0.safetensors"), metadata={"tp": "1", "pp": "1"})
+    entries = {}
+    for f in sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json"):
+        entries[str(f.relative_to(ckpt))] = {
+            "bytes": f.stat().st_size,
+            "sha256": hashlib.sha256(f.read_bytes()).hexdigest(),
+        }
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    (ckpt / "manifest.json").write_text(json.dumps({**manifest, "format": "shardforge-checkpoint/1", "files": entries}))
+
+
+def test_a_format_1_checkpoint_still_resumes_exactly(prepared, full_run, tmp_path, uninterrupted):
+    run = copy_run(full_run, tmp_path / "run")
+    shutil.rmtree(run / "checkpoints" / "step_00000010")
+    (run / "checkpoints" / "latest").write_text("step_00000005\n")
+    as_format_1(run / "checkpoints" / "step_00000005")
+    assert sorted(p.name for p in (run / "checkpoints" / "step_00000005" / "model").iterdir()) == [
+        "tp0_pp0.safetensors"
+    ]
+    resumed = train(run, prepared, steps=10)
+    assert resumed["start_step"] == 5 and resumed["losses"] == uninterrupted["losses"][5:]
+    assert json.loads((run / "checkpoints" / "step_00000010" / "manifest.json").read_text())["format"].endswith("/2")
