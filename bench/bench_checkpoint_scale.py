@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 VOCAB = 512
 MODEL = ["model.num_layers=16", "model.hidden_size=512", "model.num_attention_heads=8",
-         "model.ffn_hidden_size=2048", "data.seq_length=64"]  # fmt: skip
+         "model.ffn_hidden_size=2048", "data.seq_length=64", "train.micro_batch_size=1"]  # fmt: skip
 
 
 def io_counters() -> dict[str, int]:
@@ -49,7 +49,11 @@ class Counter:
 
 
 def worker(mode: str, ckpt_dir: str, out: str, overrides: list[str]) -> None:
-    """One rank: build the engine for its layout, then ``save`` (sync and async, and DCP) or ``load``."""
+    """One rank: build the engine for its layout, train one step (the optimizer states exist), then ``save``
+    (sync and async, and DCP) or ``load``."""
+    from launcher.quiet import quiet_third_party
+
+    quiet_third_party()
     from core.config import load_config
     from parallelism.engine import build_engine
     from parallelism.layout import init_distributed, seed_all, shutdown
@@ -63,6 +67,10 @@ def worker(mode: str, ckpt_dir: str, out: str, overrides: list[str]) -> None:
     seed_all(cfg.train.seed)
     engine = build_engine(model_parts(cfg, VOCAB), layout, cfg, lambda m: build_optimizer(m, cfg.optim),
                           lambda o: WarmupDecaySchedule(o, cfg.optim, 10))  # fmt: skip
+    import torch
+
+    tokens = torch.randint(0, VOCAB, (cfg.train.micro_batch_size, cfg.data.seq_length + 1))
+    engine.train_step([tokens] * (cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.dp)))
     manager = CheckpointManager(cfg, layout, log=lambda *a, **k: None)
     stateful = {"trainer": Counter()}
     report = {"rank": layout.rank, "world": layout.world}
@@ -74,8 +82,9 @@ def worker(mode: str, ckpt_dir: str, out: str, overrides: list[str]) -> None:
                 manager.save(step, engine, stateful)
                 blocked = manager.saves[-1]["blocked_seconds"]
                 manager.wait()
+                after = io_counters()  # write_bytes: what reached the storage layer (sockets excluded)
                 report[label] = {**manager.saves[-1], "blocked_seconds": blocked,
-                                 "wchar": io_counters()["wchar"] - before["wchar"]}  # fmt: skip
+                                 "write_bytes": after["write_bytes"] - before["write_bytes"]}  # fmt: skip
             report["dcp"] = dcp_round_trip(engine, cfg, layout, Path(ckpt_dir).parent / "dcp")
         else:
             before = io_counters()
@@ -96,7 +105,7 @@ def dcp_round_trip(engine, cfg, layout, folder: Path) -> dict:
 
     from training.checkpoint import shards
 
-    tensors, _ = shards.gather_share(engine.ds, cfg.optim.name, layout.dp, layout.dp_rank)
+    tensors, _ = shards.local_share(engine.ds, cfg.optim.name, layout.dp, layout.dp_rank)
     state = {f"r{layout.rank}/{k}": v for k, v in tensors.items()}
     dist.barrier()
     started = time.perf_counter()
@@ -188,7 +197,8 @@ def main() -> None:
             sizes = checkpoint_bytes(folders[tag])
             loads = run_ranks("load", ckpt, lay, tag, work)  # same layout (resumes from step 2: the async save)
             world = len(saves)
-            written = [r["sync"]["wchar"] for r in saves]
+            written = [r["sync"]["bytes_this_rank"] for r in saves]
+            storage = [r["sync"]["write_bytes"] for r in saves]
             share = sizes["total"] / world
             own = [sizes["model"][f"model/tp{t}_pp{p}_dp{d}.safetensors"]
                    for p in range(lay["pp"]) for d in range(lay["dp"]) for t in range(lay["tp"])]  # fmt: skip
@@ -204,6 +214,7 @@ def main() -> None:
                 "layout": lay,
                 "checkpoint_mb": round(mb, 1),
                 "written_mb_per_rank": [round(w / 1e6, 2) for w in written],
+                "storage_write_mb_per_rank": [round(w / 1e6, 2) for w in storage],
                 "ideal_share_mb": round(share / 1e6, 2),
                 "write_max_over_mean": round(max(written) / (sum(written) / world), 3),
                 "format1_writer_mb": round(slice_bytes(sizes["model"]) / 1e6, 2),

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 
 from core.errors import IntegrityError
@@ -48,6 +49,34 @@ def full_value(p, ds_engine, key: str | None) -> torch.Tensor | None:
         return p.detach().float()
     state = _base_optimizer(ds_engine).state.get(p, {})
     return state[key].detach().float() if key in state else None
+
+
+def local_piece(p, ds_engine, key: str | None, dp: int, dp_rank: int) -> tuple[int, torch.Tensor] | None:
+    """The elements of ``p``'s fp32 master (key None) or optimizer state that this DP rank holds, without any
+    communication: ``(first element, flat values)``, or None when it holds none. Under ZeRO-1/2 its fragment of
+    the flat partition, under ZeRO-3 its partition of the parameter, else (replicated over DP) the ``dp_rank``-th
+    of ``dp`` equal pieces."""
+    if hasattr(p, "ds_id"):  # ZeRO-3: rank r holds elements [r * part, (r + 1) * part), the last one padded
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        local = safe_get_local_fp32_param(p) if key is None else safe_get_local_optimizer_state(p, key)
+        group = getattr(p, "ds_process_group", None)
+        rank = dist.get_rank(group) if group is not None else dp_rank
+        part = local.numel()
+        lo = rank * part
+        hi = min(p.ds_numel, lo + part)
+        return (lo, local.reshape(-1)[: hi - lo]) if hi > lo else None
+    if hasattr(p, "_hp_mapping"):  # ZeRO-1/2: this rank's fragment of the parameter, or none
+        mapping = p._hp_mapping
+        if mapping is None:
+            return None
+        return mapping.lp_fragment_address.start, mapping.get_hp_fragment(key).reshape(-1)
+    value = full_value(p, ds_engine, key)
+    if value is None:
+        return None
+    n = value.numel()
+    lo, hi = n * dp_rank // dp, n * (dp_rank + 1) // dp
+    return lo, value.reshape(-1)[lo:hi]
 
 
 def set_value(p, ds_engine, key: str | None, value: torch.Tensor) -> None:

@@ -73,7 +73,7 @@ class CheckpointManager:
                 raise save_failed(step, e) from None
         dist.barrier()
         gathered = time.perf_counter()
-        tensors, shares = shards.gather_share(engine.ds, self.cfg.optim.name, lay.dp, lay.dp_rank)
+        tensors, shares = shards.local_share(engine.ds, self.cfg.optim.name, lay.dp, lay.dp_rank)
         rng = self._rng_tensors()
         state_text = None
         if lay.rank == 0:

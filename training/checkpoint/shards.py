@@ -1,11 +1,12 @@
 """Format 2 model and optimizer state: every rank writes its own share and reads only the bytes it needs.
 
 Each (TP rank T, PP stage P, DP rank D) writes ``model/tp{T}_pp{P}_dp{D}.safetensors``: for every parameter of its
-TP slice and each of its optimizer states (the canonical keys ``param/NAME``, ``exp_avg/NAME``, ...), the flat
-fp32 elements ``[n*D//dp, n*(D+1)//dp)`` of the slice (n its element count), so the bytes of a checkpoint are
-spread evenly over all ranks whatever the ZeRO stage. The file's metadata ``shares`` (JSON) gives each key's
-slice shape and element range. The writer hashes the bytes as it writes them: the file's sha256 and, in the
-sidecar ``...sums.json``, the sha256 of every ``CHUNK``-byte chunk, so a reader verifies any byte range it reads.
+TP slice and each of its optimizer states (the canonical keys ``param/NAME``, ``exp_avg/NAME``, ...), the flat fp32
+elements it holds: its ZeRO-1/2 fragments or ZeRO-3 partition (no gather), or without ZeRO the elements
+``[n*D//dp, n*(D+1)//dp)`` (n the slice's element count), so the bytes are spread evenly over all ranks. The
+file's metadata ``shares`` (JSON) gives each key's slice shape and element range. The writer hashes the bytes
+as it writes them: the file's sha256 and, in the sidecar ``...sums.json``, the sha256 of every ``CHUNK``-byte
+chunk, so a reader verifies any byte range it reads.
 
 Loading onto any layout: the ranks of a pipeline stage (its TP x DP ranks) split the bytes that stage needs into
 equal contiguous parts; each reads and verifies its part (a few large reads, chunk-aligned), then the owners of
@@ -24,10 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save as serialize
 
 from core.errors import IntegrityError
-from core.files import fsync_file
 from parallelism.tp_plan import shard, split_rule, unshard
 from training.checkpoint import canonical
 
@@ -52,43 +51,88 @@ def sums_name(data_name: str) -> str:
 
 
 # --- writing -----------------------------------------------------------------------------------------------
-def gather_share(ds_engine, optimizer_name: str, dp: int, dp_rank: int) -> tuple[dict, dict]:
-    """This rank's share of its TP slice of every parameter and optimizer state (collective over DP under ZeRO):
-    the flat tensors and, per key, ``[slice shape, lo, hi]``."""
+def local_share(ds_engine, optimizer_name: str, dp: int, dp_rank: int) -> tuple[dict, dict]:
+    """What this rank holds of its TP slice of every parameter and optimizer state, copied to host memory with no
+    communication (its ZeRO fragments, or its even share of a DP-replicated tensor): the flat fp32 tensors and,
+    per key, ``[slice shape, lo, hi]`` (its elements of the flattened slice)."""
     canonical.prepare_optimizer_states(ds_engine, optimizer_name)
     tensors, shares = {}, {}
     for name, p in ds_engine.module.named_parameters():
+        shape = list(getattr(p, "ds_shape", p.shape))
         for key in (None, *canonical.OPTIMIZER_KEYS[optimizer_name]):
-            value = canonical.full_value(p, ds_engine, key)
-            if value is None:
+            piece = canonical.local_piece(p, ds_engine, key, dp, dp_rank)
+            if piece is None:
                 continue
-            flat = value.detach().reshape(-1)
-            lo, hi = share_bounds(flat.numel(), dp, dp_rank)
+            lo, flat = piece
             label = f"{key or 'param'}/{name}"
-            tensors[label] = flat[lo:hi].to("cpu", torch.float32, copy=True)
-            shares[label] = [list(value.shape), lo, hi]
+            tensors[label] = flat.detach().to("cpu", torch.float32, copy=True)
+            shares[label] = [shape, lo, lo + flat.numel()]
     return tensors, shares
+
+
+class HashingFile:
+    """A file written once, front to back, hashed on the way: the sha256 of the whole file and of each
+    ``CHUNK``-byte chunk. ``close()`` fsyncs it and returns its manifest entry."""
+
+    def __init__(self, path: Path):
+        self.path, self.f = path, open(path, "wb")
+        self.whole, self.chunk, self.filled, self.size = hashlib.sha256(), hashlib.sha256(), 0, 0
+        self.sums: list[str] = []
+
+    def write(self, buf) -> None:
+        buf = memoryview(buf).cast("B")
+        self.whole.update(buf)
+        self.f.write(buf)
+        self.size += len(buf)
+        pos = 0
+        while pos < len(buf):
+            take = min(CHUNK - self.filled, len(buf) - pos)
+            self.chunk.update(buf[pos : pos + take])
+            self.filled, pos = self.filled + take, pos + take
+            if self.filled == CHUNK:
+                self.sums.append(self.chunk.hexdigest())
+                self.chunk, self.filled = hashlib.sha256(), 0
+
+    def close(self) -> dict:
+        if self.filled:
+            self.sums.append(self.chunk.hexdigest())
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        return {"bytes": self.size, "sha256": self.whole.hexdigest()}
 
 
 def write_hashed(path: Path, data: bytes) -> dict:
     """Write ``data`` to ``path`` (fsynced), hashing it on the way; return its manifest entry."""
-    whole = hashlib.sha256()
-    with open(path, "wb") as f:
-        for start in range(0, len(data), CHUNK):
-            piece = memoryview(data)[start : start + CHUNK]
-            whole.update(piece)
-            f.write(piece)
-    fsync_file(path)
-    return {"bytes": len(data), "sha256": whole.hexdigest()}
+    out = HashingFile(path)
+    out.write(data)
+    return out.close()
+
+
+def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors header of fp32 ``tensors`` laid out in their order (the format: an 8-byte little-endian
+    length, JSON padded with spaces to 8 bytes, then the tensors' bytes back to back)."""
+    entries, offset = {}, 0
+    for key, t in tensors.items():
+        entries[key] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + 4 * t.numel()]}
+        offset += 4 * t.numel()
+    entries["__metadata__"] = metadata
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
 
 
 def write_share(folder: Path, name: str, tensors: dict, shares: dict, layout: dict) -> dict[str, dict]:
-    """The rank's model file and its chunk sums; returns the manifest entries of both (relative to the
-    checkpoint folder, whose ``model/`` is ``folder``)."""
-    data = serialize(tensors, metadata={"shares": json.dumps(shares), "layout": json.dumps(layout)})
-    sums = [hashlib.sha256(memoryview(data)[s : s + CHUNK]).hexdigest() for s in range(0, len(data), CHUNK)]
-    entries = {f"model/{name}": write_hashed(folder / name, data)}
-    sums_text = json.dumps({"chunk_bytes": CHUNK, "sha256": sums}).encode()
+    """The rank's model file (safetensors, streamed from the tensors' memory: no serialized copy) and its chunk
+    sums; returns the manifest entries of both (relative to the checkpoint folder, whose ``model/`` is
+    ``folder``)."""
+    out = HashingFile(folder / name)
+    out.write(safetensors_header(tensors, {"shares": json.dumps(shares), "layout": json.dumps(layout)}))
+    for t in tensors.values():
+        if t.numel():
+            out.write(t.contiguous().numpy())
+    entries = {f"model/{name}": out.close()}
+    sums_text = json.dumps({"chunk_bytes": CHUNK, "sha256": out.sums}).encode()
     entries[f"model/{sums_name(name)}"] = write_hashed(folder / sums_name(name), sums_text)
     return entries
 

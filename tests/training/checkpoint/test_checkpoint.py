@@ -99,11 +99,10 @@ def test_resume_on_the_same_layout_is_bitwise_exact(prepared, tmp_path, zero2_cu
         for f in files:
             keys += assert_same_tensors(f, cut / "checkpoints" / "step_00000010" / sub / f.name)
     assert {k.split("/")[0] for k in keys} >= {"param", "exp_avg", "exp_avg_sq", "torch"}
-    # each DP rank wrote half of every tensor: the two model files differ by at most a few elements per tensor
+    # each DP rank wrote its ZeRO-2 partition: half of the elements of the weights and moments (alignment aside)
     model = cut / "checkpoints" / "step_00000010" / "model"
-    sizes = [(model / f"tp0_pp0_dp{d}.safetensors").stat().st_size for d in (0, 1)]
-    n_params = sum(t.numel() for t in load_file(str(model / "tp0_pp0_dp0.safetensors")).values()) / 1.5  # 3 keys
-    assert abs(sizes[0] - sizes[1]) < 0.01 * sum(sizes) and sum(sizes) > 3 * 4 * n_params
+    elements = [sum(t.numel() for t in load_file(str(model / f"tp0_pp0_dp{d}.safetensors")).values()) for d in (0, 1)]
+    assert abs(elements[0] - elements[1]) <= 0.01 * sum(elements) and sum(elements) % 3 == 0  # param + 2 moments
     # the resuming rank 0 read its own file (and its chunk sums), not its neighbour's
     assert second["checkpoint_read_bytes"] <= 1.1 * (model.parent.parent / "step_00000005" / "model"
                                                      / "tp0_pp0_dp0.safetensors").stat().st_size  # fmt: skip
