@@ -83,9 +83,9 @@ def main() -> None:
             "sync_save_blocked_s": round(save_s, 3),
             "async_save_blocked_s": round(min(s["blocked_seconds"] for s in async_saves), 3),
             "async_save_total_s": round(min(s["seconds"] for s in async_saves), 3),
-            "notes": "save = gather canonical state + safetensors + fsync + sha256 manifest + rename (synchronous; "
-            "the training loop is blocked for all of it); dd writes zeros with conv=fsync "
-            "; reads are from the page cache in both",
+            "notes": "save = copy the rank's share to host + safetensors written with sha256s + fsync + manifest "
+            "+ rename (synchronous: the training loop is blocked for all of it); dd writes zeros with conv=fsync; "
+            "reads are from the page cache in both",
         },
     )
 
