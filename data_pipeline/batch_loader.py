@@ -19,7 +19,11 @@ from core.errors import ConfigError, DataError
 
 class BlendedStream:
     """Mixes streams by weight, deterministically: sample ``i`` comes from the dataset furthest behind its share
-    (``weight * (i + 1) - drawn``), as Megatron's blended dataset does. Positions are blended positions."""
+    (``weight * (i + 1) - drawn``), as Megatron's blended dataset does. Positions are blended positions.
+
+    The walk that assigns positions to datasets starts at an anchor (a position and the counts drawn before it)
+    that moves forward with every read, so reading forward costs O(samples read), whatever the position;
+    ``walked`` counts the positions walked."""
 
     def __init__(self, streams: list, weights: list[float]):
         if not streams or len(streams) != len(weights):
@@ -27,29 +31,31 @@ class BlendedStream:
         total = float(sum(weights))
         self.streams, self.weights = streams, np.array([w / total for w in weights])
         self._anchor = (0, [0] * len(streams))  # (position, samples drawn from each dataset before it)
+        self.walked = 0
 
-    def _walk(self, start: int, count: int) -> tuple[list[tuple[int, int]], list[int]]:
-        """Which (dataset, dataset position) serve blended positions [start, start+count); counts after."""
+    def _walk(self, start: int, count: int) -> list[tuple[int, int]]:
+        """Which (dataset, dataset position) serve blended positions [start, start+count); the anchor moves to
+        the end of the range."""
         pos, drawn = self._anchor
         if start < pos:
             raise DataError(f"blended stream cannot go back from position {pos} to {start}")
-        drawn = list(drawn)
+        drawn, weights, order = list(drawn), self.weights.tolist(), range(len(self.streams))
         picks = []
         for i in range(pos, start + count):
-            d = int(np.argmax(self.weights * (i + 1) - np.array(drawn)))
+            d = max(order, key=lambda j: weights[j] * (i + 1) - drawn[j])  # the first of equals, as argmax
             if i >= start:
                 picks.append((d, drawn[d]))
             drawn[d] += 1
-        return picks, drawn
+        self.walked += start + count - pos
+        self._anchor = (start + count, drawn)
+        return picks
 
     def counts_at(self, position: int) -> list[int]:
-        _, drawn = self._walk(position, 0)
-        self._anchor = (position, drawn)
-        return drawn
+        self._walk(position, 0)
+        return list(self._anchor[1])
 
     def read(self, start: int, count: int) -> list[np.ndarray]:
-        picks, _ = self._walk(start, count)
-        return [self.streams[d].read(p, 1)[0] for d, p in picks]
+        return [self.streams[d].read(p, 1)[0] for d, p in self._walk(start, count)]
 
     def state_at(self, position: int) -> dict:
         return {"drawn": self.counts_at(position)}

@@ -105,3 +105,34 @@ def test_blend_is_exact_deterministic_and_resumable(prepared):
     for ld in again:
         ld.load_state_dict(state)
     assert global_steps(again, 6) == full[4:]
+
+
+class Counting:
+    """A stream of known samples (its own position, repeated) that counts what is read from it."""
+
+    def __init__(self, tag: int):
+        self.tag, self.reads = tag, 0
+
+    def read(self, start: int, count: int) -> list[np.ndarray]:
+        self.reads += count
+        return [np.array([self.tag, start + i]) for i in range(count)]
+
+
+def test_blending_far_into_the_run_walks_each_position_once_and_keeps_the_order():
+    """Megatron's rule, written out independently (dataset furthest behind weight * (i + 1) - drawn), for the
+    first 10,000 positions; then reading 16 samples per step for 1,000 steps from position 100,000 on walks the
+    100,000 positions to get there once and then 16 per step, not 100,000 per step."""
+    weights = [0.5, 0.3, 0.2]
+    drawn, expected = [0, 0, 0], []
+    for i in range(10_000):
+        d = max(range(3), key=lambda j: (weights[j] * (i + 1) - drawn[j], -j))
+        expected.append((d, drawn[d]))
+        drawn[d] += 1
+    blend = BlendedStream([Counting(t) for t in range(3)], [5.0, 3.0, 2.0])
+    got = [tuple(int(x) for x in sample) for start in range(0, 10_000, 16) for sample in blend.read(start, 16)]
+    assert len(got) == len(expected) == 10_000 and got == expected
+    far = BlendedStream([Counting(t) for t in range(3)], [5.0, 3.0, 2.0])
+    for step in range(1000):
+        assert len(far.read(100_000 + 16 * step, 16)) == 16
+    assert far.walked == 100_000 + 16 * 1000
+    assert far.counts_at(116_000) == [58_000, 34_800, 23_200]
