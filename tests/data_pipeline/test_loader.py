@@ -83,6 +83,22 @@ def test_worker_processes_keep_the_order_and_state(prepared):
     assert with_workers[0].state_dict()["position"] == 9 * GBS
 
 
+def test_a_dropped_loader_stops_its_worker_processes_at_once(prepared):
+    """Dropping a loader (the end of a run) or its iterator (loading a state) shuts its workers down then and
+    there (joined), not whenever the garbage collector gets to a reference cycle."""
+    import psutil
+
+    me = psutil.Process()
+    [ld] = loaders(prepared, 1, workers=2)
+    ld.next_step()
+    assert len(me.children()) == 2
+    ld.load_state_dict(ld.state_dict())
+    assert me.children() == []
+    assert len(ld.next_step()) == ld.accumulation_steps and len(me.children()) == 2  # new workers read on
+    del ld
+    assert me.children() == []
+
+
 def test_pipe_urls_stream_the_same_samples(prepared):
     url = f"pipe:cat {prepared}/{{path}}"
     assert global_steps(loaders(url, 1), 4) == global_steps(loaders(prepared, 1), 4)
