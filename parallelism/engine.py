@@ -162,8 +162,10 @@ class PlainEngine(Engine):
         return torch.where(self._ok, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
 
     def _forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split on the host (the prompt-token check reads host memory, no device sync), then move."""
         inputs, labels = inputs_and_labels(tokens)
-        return self.ds(inputs), labels
+        device = self.layout.device
+        return self.ds(inputs.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> float:
         """One optimizer step. A micro-batch whose loss is not finite on any rank turns the whole step into a
@@ -178,7 +180,7 @@ class PlainEngine(Engine):
         self._ok = torch.ones((), dtype=torch.bool, device=device) if guard else None
         try:
             for i, tokens in enumerate(micro_batches):
-                loss = self.loss_fn(*self._forward(tokens.to(device)))
+                loss = self.loss_fn(*self._forward(tokens))
                 if guard:
                     self._ok = self._ok & self._finite_everywhere(loss)
                 self.ds.backward(loss)
@@ -231,7 +233,6 @@ class PlainEngine(Engine):
         self.ds.eval()
         total = torch.zeros((), device=self.layout.device)
         for tokens in micro_batches:
-            tokens = tokens.to(self.layout.device)
             total += self.loss_fn(*self._forward(tokens)).float()
         return self._dp_mean(total / len(micro_batches))
 

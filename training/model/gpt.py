@@ -9,6 +9,8 @@ Shapes: tokens (B, S) -> hidden [S, B, H] -> logits [S, B, V / tp] (this rank's 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -115,8 +117,10 @@ def layer_spec(normalization: str, sequence_parallel: bool = False, attention: s
     return spec
 
 
+@functools.lru_cache(maxsize=8)
 def causal_mask(seq: int, device) -> torch.Tensor:
-    """True where attention is *not* allowed, shape [1, 1, S, S] (megatron's default builds it on CUDA)."""
+    """True where attention is *not* allowed, shape [1, 1, S, S] (megatron's default builds it on CUDA). Built
+    once per length and device (it is only read), not on every forward of every layer."""
     return torch.ones(seq, seq, dtype=torch.bool, device=device).triu(1).view(1, 1, seq, seq)
 
 
