@@ -284,8 +284,7 @@ def plan_reads(index: Index, keys: list[str], gated: bool, parts: int) -> list[l
     """Who reads what: the stage's bytes (the pieces of ``keys``, file by file in their writers' rank order)
     split into ``parts`` contiguous parts: one file each when there are as many files as parts (the same layout:
     each rank reads the file it wrote), else of equal size, each boundary moved onto a file boundary within 5% of
-    a part. For each part, the (key, first
-    element, end element) ranges of the keys' flat data it covers."""
+    a part. For each part, the (key, first element, end element) ranges of the keys' flat data it covers."""
     pieces = sorted(
         ((_file_order(piece.file), piece.start, key, offset, piece.hi - piece.lo)
          for key in keys for piece, offset in stream(index, key, gated) if piece.hi > piece.lo),
