@@ -16,6 +16,7 @@ TP slice and sets it (collective under ZeRO). Nothing is unpickled.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -308,8 +309,10 @@ def plan_reads(index: Index, keys: list[str], gated: bool, parts: int) -> list[l
             bounds.append(near if abs(near - ideal) <= 0.05 * total / parts else ideal)
     plan: list[list[tuple[str, int, int]]] = [[] for _ in range(parts)]
     position = 0
-    for _, _, key, offset, n in pieces:
-        for j in range(parts):
+    for _, _, key, offset, n in pieces:  # only the parts a piece overlaps (70B: ~10^5 pieces x 128 parts)
+        for j in range(max(0, bisect.bisect_right(bounds, position) - 1), parts):
+            if bounds[j] >= position + n:
+                break
             lo, hi = max(bounds[j], position), min(bounds[j + 1], position + n)
             if lo < hi:
                 plan[j].append((key, offset + lo - position, offset + hi - position))
