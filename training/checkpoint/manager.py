@@ -53,6 +53,7 @@ class CheckpointManager:
         self.saves: list[dict] = []  # every save: step, seconds (blocked, gather, write, background), bytes
         self.load_seconds: float | None = None
         self.read_bytes: int | None = None  # model-file bytes this rank read (and verified) to resume
+        self.damaged: dict[str, str] = {}  # checkpoints whose bytes failed verification while loading
 
     # --- saving ---------------------------------------------------------------------------------------
     def save(self, step: int, engine, stateful: dict) -> Path:
@@ -200,7 +201,6 @@ class CheckpointManager:
         """Collective: load the checkpoint ``checkpoint.resume`` names (``auto``: the newest that passes the cheap
         check and whose bytes verify as the ranks read them, skipping and naming damaged ones); return its path,
         or None for a fresh start."""
-        self.damaged: dict[str, str] = {}
         while True:
             path = self.find_resume()
             if path is None:
@@ -242,7 +242,7 @@ class CheckpointManager:
                 )
             return str(path)
         candidates = sorted((p for p in self.root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), reverse=True)
-        damaged, first_problem = getattr(self, "damaged", {}), None
+        damaged, first_problem = self.damaged, None
         for path in candidates:
             problems = [damaged[str(path)]] if str(path) in damaged else check_checkpoint(path)
             if not problems:
