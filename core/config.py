@@ -34,6 +34,13 @@ class DataConfig(Section):
     """Fractions for train/validation/test, assigned by a hash of each document's content."""
     extensions: list[str] = Field(default_factory=lambda: [".txt", ".md", ".py", ".jsonl", ".jsonl.gz", ".jsonl.zst"])
     """File suffixes picked up when an input is a directory."""
+    validation_inputs: list[str] = Field(default_factory=list)
+    """Files, directories or globs holding the validation split (as Megatron's separate valid data path): every
+    document of them goes to validation, the training inputs' hash share of validation goes to train, and training
+    documents with the same content (or near-duplicates, with ``dedup_near``) are left out. Empty: validation is
+    the hash-assigned share of ``inputs``."""
+    test_inputs: list[str] = Field(default_factory=list)
+    """The same for the test split."""
     text_field: str = "text"
     """Field holding the text in JSONL records."""
     on_invalid_utf8: Literal["skip", "fail"] = "skip"

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from core.config import RunConfig
+from core.config import DataConfig, RunConfig
 from core.errors import DataError
 from core.files import publish_dir, sha256_file
 from data_pipeline.filters import FilterPipeline
@@ -43,7 +43,8 @@ def _progress(iterable, desc: str, total: int | None = None, unit: str = "doc"):
 def dataset_fingerprint(cfg: RunConfig) -> str:
     """Hash of everything that decides the dataset's content: data and tokenizer settings and the inputs."""
     data = cfg.data.model_dump(mode="json", exclude={"output_dir", "num_workers"})
-    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in resolve_inputs(cfg.data)]
+    inputs = [*resolve_inputs(cfg.data), *(p for d in held_out_configs(cfg.data).values() for p in resolve_inputs(d))]
+    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in inputs]
     tok = cfg.tokenizer.model_dump(mode="json")
     if cfg.tokenizer.model_file:
         tok["model_file"] = sha256_file(cfg.tokenizer.model_file)
@@ -67,20 +68,50 @@ def check_output_dir(out: Path, fingerprint: str, overwrite: bool) -> dict | Non
     )
 
 
+def held_out_configs(data: DataConfig) -> dict[str, DataConfig]:
+    """The splits that come from their own files (``data.validation_inputs``/``test_inputs``), each as a data
+    config reading those files (all of them: ``max_documents`` limits the training inputs only)."""
+    own = {"validation": data.validation_inputs, "test": data.test_inputs}
+    return {s: data.model_copy(update={"inputs": list(p), "max_documents": None}) for s, p in own.items() if p}
+
+
+def hash_split_fractions(data: DataConfig) -> tuple[float, float, float]:
+    """``data.split`` with the share of every split that has its own inputs moved to train."""
+    own = held_out_configs(data)
+    train, val, test = data.split
+    return (train + sum(f for s, f in (("validation", val), ("test", test)) if s in own),
+            0.0 if "validation" in own else val, 0.0 if "test" in own else test)  # fmt: skip
+
+
 def _split_documents(cfg: RunConfig, work: Path, stats: IngestStats, filt: FilterPipeline) -> dict:
-    """Pass 1: write each split's cleaned documents to ``work/documents/<split>.jsonl``."""
+    """Pass 1: write each split's cleaned documents to ``work/documents/<split>.jsonl``.
+
+    Splits with their own inputs are read first, through the same filters (so exact and near duplicates of a
+    held-out document are dropped from training by deduplication), and their content digests are kept out of
+    training even with deduplication off."""
     doc_dir = work / "documents"
     doc_dir.mkdir(parents=True)
     files = {s: open(doc_dir / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLIT_NAMES}
     info = {s: {"documents": 0, "bytes": 0, "digests": DigestSet()} for s in SPLIT_NAMES}
+
+    def put(split: str, text: str, digest: bytes) -> None:
+        files[split].write(json.dumps({"text": text, "digest": digest.hex()}) + "\n")
+        info[split]["documents"] += 1
+        info[split]["bytes"] += len(text.encode("utf-8"))
+        info[split]["digests"].add(digest)
+
+    held: set[bytes] = set()
+    fractions = hash_split_fractions(cfg.data)
     try:
+        for split, data in held_out_configs(cfg.data).items():
+            for doc in _progress(filt.run(iter_documents(data, IngestStats())), f"{split} inputs"):
+                digest = content_digest(doc.text)
+                held.add(digest)
+                put(split, doc.text, digest)
         for doc in _progress(filt.run(iter_documents(cfg.data, stats)), "clean+filter+dedup"):
             digest = content_digest(doc.text)
-            split = assign_split(digest, cfg.data.split)
-            files[split].write(json.dumps({"text": doc.text, "digest": digest.hex()}) + "\n")
-            info[split]["documents"] += 1
-            info[split]["bytes"] += len(doc.text.encode("utf-8"))
-            info[split]["digests"].add(digest)
+            if digest not in held:
+                put(assign_split(digest, fractions), doc.text, digest)
     finally:
         for f in files.values():
             f.close()
@@ -144,6 +175,10 @@ def prepare_dataset(cfg: RunConfig, overwrite: bool = False) -> PrepareResult:
     build = _build
     if cfg.data.format == "sft":
         from data_pipeline.sft import build_sft as build
+
+        if held_out_configs(cfg.data):
+            raise DataError("data.validation_inputs/test_inputs are for data.format=text",
+                            fix="give fine-tuning data one file set and let data.split hold out by hash")  # fmt: skip
     out = Path(cfg.data.output_dir)
     fingerprint = dataset_fingerprint(cfg)
     existing = check_output_dir(out, fingerprint, overwrite)

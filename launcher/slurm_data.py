@@ -52,6 +52,9 @@ def submit_prepare(cfg: RunConfig, overwrite: bool = False) -> tuple[Path, list[
     check_text("data.output_dir", str(Path(cfg.data.output_dir).absolute()))
     if cfg.data.max_documents is not None:
         raise ShardforgeError("data.max_documents is a single-machine trial setting", fix="drop it with --slurm")
+    if cfg.data.validation_inputs or cfg.data.test_inputs:
+        raise ShardforgeError("data.validation_inputs/test_inputs are not split over Slurm tasks yet",
+                              fix="prepare such a dataset without --slurm")  # fmt: skip
     check_output_dir(Path(cfg.data.output_dir), dataset_fingerprint(cfg), overwrite)
     work = work_dir(cfg)
     if work.exists():

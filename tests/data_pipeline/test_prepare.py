@@ -174,3 +174,26 @@ def test_manifest_records_config_and_filter_report(prepared):
     assert stages["clean"]["docs_in"] == 60
     kept = sum(m["splits"][s]["documents"] for s in m["splits"])
     assert kept == 60 - sum(v["docs_dropped"] for v in stages.values()) == m["filter_report"]["docs_out"]
+
+
+def test_validation_from_its_own_files_is_held_out_of_training(tmp_path):
+    """data.validation_inputs: every such document is the validation split, the hash share of validation goes to
+    train, and a training document with the same content is left out of training (deduplication off here, so the
+    content-hash exclusion alone does it)."""
+    files = stdlib_files(26)
+    train_dir, val_dir = tmp_path / "train", tmp_path / "val"
+    train_dir.mkdir(), val_dir.mkdir()
+    for f in files[:20]:
+        shutil.copyfile(f, train_dir / f.name)
+    for f in [*files[20:], files[3]]:  # files[3] is in both: held out
+        shutil.copyfile(f, val_dir / f.name)
+    cfg = small_config(tmp_path, [str(train_dir)], data={"validation_inputs": [str(val_dir)], "split": [0.8, 0.2, 0.0],
+                       "dedup_exact": False, "dedup_near": False})  # fmt: skip
+    m = prepare_dataset(cfg).manifest
+    digest = lambda f: content_digest(clean_text(f.read_text())).hex()  # noqa: E731
+    docs = cfg.data.output_dir + "/documents"
+    got = {s: (Path(docs) / f"{s}.sha256").read_text().split() for s in ("train", "validation", "test")}
+    assert sorted(got["validation"]) == sorted(digest(f) for f in [*files[20:], files[3]])
+    assert sorted(got["train"]) == sorted(digest(f) for f in files[:20] if f != files[3])
+    assert len(got["train"]) == 19 and len(got["validation"]) == 7 and got["test"] == []
+    assert m["splits"]["validation"]["samples"] > 0
