@@ -56,11 +56,12 @@ SHAPE = [
 ]
 
 
-def shardforge_steps(tmp: Path, steps: int) -> list[float]:
-    over = [f"run_dir={tmp}", *SHAPE]
-    shardforge("data", "prepare", "-c", "configs/tiny.yaml", *over)
+def shardforge_steps(tmp: Path, steps: int, round_: int) -> list[float]:
+    over = [f"run_dir={tmp}/r{round_}", f"data.output_dir={tmp}/data", *SHAPE]
+    if not (tmp / "data").exists():
+        shardforge("data", "prepare", "-c", "configs/tiny.yaml", *over)
     shardforge("train", "-c", "configs/tiny.yaml", *over, f"train.max_steps={steps}")
-    return json.loads((tmp / "train_result.json").read_text())["step_times"]
+    return json.loads((tmp / f"r{round_}" / "train_result.json").read_text())["step_times"]
 
 
 def plain_loop_steps(steps: int) -> list[float]:
@@ -143,23 +144,28 @@ def plain_loop_steps(steps: int) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of both (this machine's speed drifts)")
     args = ap.parse_args()
     med = lambda xs: statistics.median(xs[WARMUP:]) * 1000  # noqa: E731
+    sf, plain = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        sf = med(shardforge_steps(Path(tmp), args.steps))
-    plain = med(plain_loop_steps(args.steps))
-    print(f"shardforge train {sf:.1f} ms/step, plain nanoGPT-style loop {plain:.1f} ms/step, ratio {plain / sf:.3f}")
+        for r in range(args.rounds):
+            sf.append(round(med(shardforge_steps(Path(tmp), args.steps, r)), 2))
+            plain.append(round(med(plain_loop_steps(args.steps)), 2))
+            print(f"round {r}: shardforge train {sf[-1]:.1f} ms/step, plain loop {plain[-1]:.1f} ms/step", flush=True)
+    ratios = [round(p / s, 3) for s, p in zip(sf, plain)]
     write_result(
         "step_overhead",
         {
             "model": f"GPT {LAYERS} layers, hidden {HIDDEN}, {HEADS} heads, GELU, LayerNorm, learned positions, tied "
             f"embeddings, vocab {VOCAB}, context {SEQ}, batch {BATCH}, fp32, AdamW, clip 1.0",
             "steps": args.steps,
-            "shardforge_ms_per_step": round(sf, 2),
-            "plain_loop_ms_per_step": round(plain, 2),
-            "shardforge_tokens_per_s_vs_plain": round(plain / sf, 3),
-            "notes": f"medians after {WARMUP} warm-up steps; shardforge train's step time includes its data wait, "
-            "the plain loop's its get_batch; one process, every core",
+            "shardforge_ms_per_step": statistics.median(sf),
+            "plain_loop_ms_per_step": statistics.median(plain),
+            "shardforge_tokens_per_s_vs_plain": statistics.median(ratios),
+            "rounds": {"shardforge_ms": sf, "plain_ms": plain, "ratio": ratios},
+            "notes": f"medians after {WARMUP} warm-up steps, then the median over alternating rounds; shardforge "
+            "train's step time includes its data wait, the plain loop's its get_batch; one process, every core",
         },
     )
 

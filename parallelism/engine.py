@@ -100,6 +100,23 @@ def _patch_pipeline_clip_norm() -> None:
     ds_engine.clip_grad_norm_ = clip
 
 
+def recorded_clip_norm():
+    """DeepSpeed's ZeRO-0 clip (runtime/utils.clip_grad_norm_) computes the global gradient norm and drops it:
+    keep the last one, a device tensor, in the returned function's ``last`` (read once per step, no recompute)."""
+    import deepspeed.runtime.engine as ds_engine
+
+    if not getattr(ds_engine.clip_grad_norm_, "_shardforge_records", False):
+        original = ds_engine.clip_grad_norm_
+
+        def clip(*args, **kwargs):
+            clip.last = original(*args, **kwargs)
+            return clip.last
+
+        clip._shardforge_records, clip.last = True, None
+        ds_engine.clip_grad_norm_ = clip
+    return ds_engine.clip_grad_norm_
+
+
 def sum_sequence_parallel_grads(model: nn.Module, layout: Layout) -> int:
     """With sequence parallelism each TP rank computes norm-weight gradients from its slice of the sequence: sum
     them over the TP group as they are produced (a tensor hook runs before DeepSpeed's own reduction hooks)."""
@@ -150,6 +167,11 @@ class PlainEngine(Engine):
     def __init__(self, ds_engine, layout: Layout, loss_fn):
         super().__init__(ds_engine, layout, loss_fn)
         self._ok: torch.Tensor | None = None  # on the device: every micro-batch so far was finite on every rank
+        self._norm: torch.Tensor | None = None  # ZeRO-0's global gradient norm of the last step, on the device
+        clips = layout.zero_stage == 0 and self.ds.gradient_clipping() > 0
+        if layout.zero_stage == 0 and layout.dp == 1:
+            self.ds.enable_backward_allreduce = False  # averaging over one rank: a flatten, copy and unflatten
+        self._clip = recorded_clip_norm() if clips else None
         if layout.zero_stage < 3:
             for p in self.ds.module.parameters():
                 if p.requires_grad:
@@ -186,11 +208,13 @@ class PlainEngine(Engine):
                 self.ds.backward(loss)
                 if i == len(micro_batches) - 1:
                     skipped = guard and not bool(self._ok)  # the step's one host read of the flag
-                    if self.layout.zero_stage == 0:
-                        self._norm = self._replicated_grad_norm()  # ZeRO-0 does not report it
+                    if self.layout.zero_stage == 0 and self._clip is None:
+                        self._norm = self._replicated_grad_norm()  # ZeRO-0 without clipping computes none
                     if skipped:
                         self._set_lr(0.0)
                 self.ds.step()
+                if self._clip is not None and i == len(micro_batches) - 1:
+                    self._norm = self._clip.last  # the norm DeepSpeed's clip computed in this step
                 total += loss.detach().float()
         finally:
             self._ok = None
@@ -207,9 +231,9 @@ class PlainEngine(Engine):
         for group in self.ds.optimizer.param_groups:
             group["lr"] = lr  # the schedule sets the next step's rate again after this step
 
-    def _replicated_grad_norm(self) -> float:
+    def _replicated_grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the (already data-parallel-reduced) gradients: TP shards summed over the TP group,
-        TP-replicated parameters counted once."""
+        TP-replicated parameters counted once (a device scalar)."""
         split = torch.zeros((), dtype=torch.float64, device=self.layout.device)
         replicated = torch.zeros((), dtype=torch.float64, device=self.layout.device)
         for p in self.ds.module.parameters():
@@ -222,11 +246,13 @@ class PlainEngine(Engine):
                 replicated += sq
         if self.layout.tp > 1:
             dist.all_reduce(split, group=self.layout.tp_group)
-        return float((split + replicated).sqrt())
+        return (split + replicated).sqrt()
 
     def grad_norm(self) -> float | None:
         g = self.ds.get_global_grad_norm()
-        return float(g) if g is not None else getattr(self, "_norm", None)
+        if g is None:
+            g = self._norm
+        return None if g is None else float(g)
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[torch.Tensor]) -> float:

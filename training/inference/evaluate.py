@@ -91,7 +91,27 @@ def split_metrics(model: LoadedModel, split: str = "test", max_samples: int | No
         "loss": loss,
         "perplexity": math.exp(loss),
         "bits_per_byte": float(nats.sum() / math.log(2) / sizes.sum()),
+        "gzip_bits_per_byte": gzip_bits_per_byte(model.sp, samples),
     }
+
+
+def gzip_bits_per_byte(sp, samples: torch.Tensor) -> float:
+    """A classical compressor's figure on the same text: the samples' tokens decoded back to documents (split at
+    end-of-document tokens, joined by newlines) and compressed by gzip -9; compressed bits per UTF-8 byte."""
+    import gzip
+
+    from core.prompt_tokens import model_tokens
+
+    ids = model_tokens(samples).reshape(-1).tolist()
+    docs, start = [], 0
+    for i, t in enumerate(ids):
+        if t == EOS_ID:
+            docs.append(sp.decode(ids[start:i]))
+            start = i + 1
+    if start < len(ids):
+        docs.append(sp.decode(ids[start:]))
+    text = "\n".join(docs).encode("utf-8")
+    return 8 * len(gzip.compress(text, compresslevel=9)) / max(len(text), 1)
 
 
 def read_tasks(path: str | Path) -> list[dict]:
@@ -206,7 +226,8 @@ def summary(result: dict, split: str = "test") -> str:
     lines = [
         f"evaluation at step {result['step']}: {split} split, {m['samples']} samples, {m['tokens']:,} tokens, "
         f"{m['bytes']:,} bytes",
-        f"  loss {m['loss']:.4f} | perplexity {m['perplexity']:.2f} | bits per byte {m['bits_per_byte']:.4f}",
+        f"  loss {m['loss']:.4f} | perplexity {m['perplexity']:.2f} | bits per byte {m['bits_per_byte']:.4f} "
+        f"(gzip -9 on the same text: {m['gzip_bits_per_byte']:.4f})",
     ]
     for t in result["tasks"]:
         lines.append(f"  task {t['task']}: {t['items']} items, acc {t['acc']:.3f}, acc_norm {t['acc_norm']:.3f}")

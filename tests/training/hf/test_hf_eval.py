@@ -303,3 +303,23 @@ def test_generation_is_seeded_and_cached_decoding_equals_full_recompute(trained)
     r = cli("generate", "--checkpoint", str(trained / "checkpoints"), "--prompt", "def ", "--temperature", "0",
             "--max-new-tokens", "12")  # fmt: skip
     assert r.returncode == 0 and r.stdout.startswith("def ")
+
+
+def test_gzip_baseline_is_gzip_of_the_decoded_documents(prepared):
+    """The gzip figure beside bits per byte: gzip -9 of the very documents the samples hold (decoded, one newline
+    between documents), in compressed bits per byte."""
+    import gzip
+
+    import sentencepiece as spm
+    from conftest import stdlib_files
+
+    from training.inference.evaluate import EOS_ID, gzip_bits_per_byte
+
+    sp = spm.SentencePieceProcessor(model_file=str(prepared / "tokenizer" / "tokenizer.model"))
+    a, b = (f.read_text() for f in stdlib_files(2))
+    ids = sp.encode(a) + [EOS_ID] + sp.encode(b) + [EOS_ID]
+    samples = torch.tensor(ids).view(1, -1)
+    text = (a + "\n" + b).encode("utf-8")
+    expected = 8 * len(gzip.compress(text, compresslevel=9)) / len(text)
+    assert gzip_bits_per_byte(sp, samples) == pytest.approx(expected, rel=1e-12)
+    assert 1.0 < expected < 4.0  # two short source files: about 3 bits per byte
