@@ -64,6 +64,20 @@ class BlendedStream:
         self._anchor = (position, list(state["drawn"]))
 
 
+class TokensNotRead:
+    """The stream of a rank that never looks at tokens (a pipeline stage neither first nor last): zeros of the
+    sample's length, no reads. The wrapped stream's state (a blend's counts) is still there to save and load."""
+
+    def __init__(self, stream, sample_tokens: int):
+        self.stream, self.zeros = stream, np.zeros(sample_tokens, dtype=np.int32)
+
+    def read(self, start: int, count: int) -> list[np.ndarray]:
+        return [self.zeros] * count
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 def _rank_step(stream, position: int, gbs: int, mbs: int, dp_rank: int, dp: int) -> list[torch.Tensor]:
     per_rank = gbs // dp
     rows = stream.read(position + dp_rank * per_rank, per_rank)

@@ -15,6 +15,7 @@ from core.errors import DataError, IntegrityError
 from core.files import sha256_file, write_json_atomic
 from data_pipeline.pack import token_dtype
 from data_pipeline.split import SPLIT_NAMES
+from data_pipeline.tarshard import index_path
 from data_pipeline.tokenizer import load_tokenizer
 
 MANIFEST = "manifest.json"
@@ -45,7 +46,9 @@ def verify_dataset(dataset_dir: str | Path, manifest: dict | None = None) -> lis
     root = Path(dataset_dir)
     manifest = manifest if manifest is not None else read_manifest(root)
     problems = []
-    entries = [(s["path"], s["bytes"], s["sha256"]) for split in manifest["splits"].values() for s in split["shards"]]
+    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+    entries = [(s["path"], s["bytes"], s["sha256"]) for s in shards]
+    entries += [(index_path(s["path"]), None, s["index_sha256"]) for s in shards if "index_sha256" in s]
     tok = manifest["tokenizer"]
     entries.append((tok["file"], None, tok["sha256"]))
     for rel, size, digest in entries:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from core.files import sha256_file
+from data_pipeline.tarshard import index_path, write_sample_index
 from data_pipeline.tokenizer import EOS_ID
 
 _WORKER_SP = None
@@ -94,6 +95,8 @@ class ShardInfo:
     tokens: int
     bytes: int
     sha256: str
+    index_sha256: str
+    """The sha256 of the shard's sample index (``tarshard.index_path``): byte offsets and CRC-32s of its samples."""
 
 
 @dataclass
@@ -132,7 +135,10 @@ class SplitWriter:
             return
         rel = f"{self.split}/{path.name}"
         tokens = self._in_shard * self.sample_tokens
-        self.shards.append(ShardInfo(rel, self._in_shard, tokens, path.stat().st_size, sha256_file(path)))
+        index = path.parent / Path(index_path(rel)).name
+        write_sample_index(path, index)
+        info = ShardInfo(rel, self._in_shard, tokens, path.stat().st_size, sha256_file(path), sha256_file(index))
+        self.shards.append(info)
         self._in_shard = 0
 
     def add_document(self, ids: np.ndarray) -> None:

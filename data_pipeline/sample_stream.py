@@ -6,21 +6,24 @@ shards in an order drawn from ``(seed, e)`` and the samples of each shard in an 
 ``g mod N`` of epoch ``g // N``; :meth:`SampleStream.read` returns any range of positions without replaying
 what came before, so a resume needs nothing but a position.
 
-Shards are read with webdataset's opener (local paths, URLs, or ``pipe:`` commands with a ``{path}``
-placeholder), each checked against the manifest's sha256 and sample count when first read.
+Local shards are read by sample, through each shard's sample index (byte offsets and CRC-32s, written by
+``data prepare``): a rank reads only its own samples and checks each one. Shards without an index, and roots that
+are URLs or ``pipe:`` commands with a ``{path}`` placeholder (webdataset's opener), are read whole and checked
+against the manifest's sha256 and sample count when first read.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from core.errors import DataError, IntegrityError
-from data_pipeline.manifest import MANIFEST, read_manifest
-from data_pipeline.tarshard import read_token_samples
+from data_pipeline.manifest import MANIFEST
+from data_pipeline.shard_table import Dataset, dataset, parse_bytes
+from data_pipeline.tarshard import decode_npy, index_path, read_sample_index, read_token_samples, sample_crc_ok
 from data_pipeline.tokenizer import load_tokenizer
 
 
@@ -52,10 +55,16 @@ def _read_bytes(root: str, rel: str) -> bytes:
         raise DataError(f"cannot read '{_url(root, rel)}': {e}", fix="check the loader root / URL") from None
 
 
-def load_dataset_manifest(root: str) -> dict:
+def load_dataset(root: str) -> Dataset:
+    """The dataset's manifest head and compact shard tables: parsed once per process for a local root."""
     if not _is_remote(root):
-        return read_manifest(root)
-    return json.loads(_read_bytes(root, MANIFEST))
+        return dataset(root)
+    return parse_bytes(_read_bytes(root, MANIFEST))
+
+
+def load_dataset_manifest(root: str) -> dict:
+    """The manifest's fields without the shard lists (those are in :func:`load_dataset`'s tables)."""
+    return load_dataset(root).head
 
 
 def check_tokenizer(root: str, tokenizer_file: str | Path) -> None:
@@ -69,33 +78,108 @@ def _rng(*keys: int) -> np.random.Generator:
 
 
 class ShardReader:
-    """Reads one split's shards, verifies them against the manifest and caches the last one in memory."""
+    """Reads one split's samples. Shards with a sample index (every dataset prepared since the index exists) are
+    read by byte range, sample by sample, each checked against its CRC-32 (the index itself against the
+    manifest's sha256): a rank reads only the samples it trains on. Others (older datasets, URL and pipe roots)
+    are read whole, checked against the manifest's sha256, and the last one is kept in memory. ``bytes_read``
+    counts what came from storage."""
 
-    def __init__(self, root: str, split: str, manifest: dict | None = None, verify: bool = True):
+    def __init__(self, root: str, split: str, verify: bool = True, indexed: bool = True):
         self.root = str(root)
-        self.manifest = manifest if manifest is not None else load_dataset_manifest(self.root)
-        if split not in self.manifest["splits"]:
+        tables = load_dataset(self.root).tables
+        if split not in tables:
             raise DataError(f"dataset '{root}' has no split '{split}'", fix="use train, validation or test")
-        self.shards = self.manifest["splits"][split]["shards"]
-        self.counts = [s["samples"] for s in self.shards]
+        self.table = tables[split]
+        self.counts = self.table.samples.tolist()
         self.verify = verify
+        self.indexed = indexed and self.table.index_sha256 is not None and not _is_remote(self.root)
+        self.bytes_read = 0
         self._cache: tuple[int, list[np.ndarray]] | None = None
+        self._indexes: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._files: dict[int, int] = {}
+
+    def _where(self, shard: int) -> str:
+        rel = self.table.path(shard)
+        return _url(self.root, rel) if _is_remote(self.root) else str(Path(self.root) / rel)
+
+    def take(self, shard: int, ids) -> list[np.ndarray]:
+        """Samples ``ids`` (positions within the shard) of ``shard``, in that order."""
+        if not self.indexed:
+            samples = self.samples(shard)
+            return [samples[j] for j in ids]
+        offsets, sizes, crcs = self._index(shard)
+        fd = self._file(shard)
+        out = []
+        for j in ids:
+            blob = os.pread(fd, int(sizes[j]), int(offsets[j]))
+            self.bytes_read += len(blob)
+            if len(blob) != sizes[j] or not sample_crc_ok(blob, crcs[j]):
+                raise IntegrityError(
+                    f"shard '{self._where(shard)}': sample {j} (bytes {offsets[j]}-{offsets[j] + sizes[j]}) fails "
+                    "its CRC-32 (corrupt or truncated)",
+                    fix="restore the file or re-run `shardforge data prepare`; `shardforge data verify` checks all",
+                )
+            out.append(decode_npy(blob))
+        return out
+
+    def _index(self, shard: int):
+        if shard not in self._indexes:
+            rel = index_path(self.table.path(shard))
+            data = _read_bytes(self.root, rel)
+            self.bytes_read += len(data)
+            if hashlib.sha256(data).digest() != self.table.index_sha256[shard].tobytes():
+                raise IntegrityError(f"sample index '{Path(self.root) / rel}' does not match the manifest's sha256",
+                                     fix="restore the file or re-run `shardforge data prepare`")  # fmt: skip
+            index = read_sample_index(data)
+            if len(index[0]) != self.counts[shard]:
+                raise IntegrityError(
+                    f"sample index '{Path(self.root) / rel}' lists {len(index[0])} samples, the manifest "
+                    f"{self.counts[shard]}",
+                    fix="re-run `shardforge data prepare`",
+                )
+            if len(self._indexes) >= 4:
+                self._indexes.pop(next(iter(self._indexes)))
+            self._indexes[shard] = index
+        return self._indexes[shard]
+
+    def _file(self, shard: int) -> int:
+        if shard not in self._files:
+            path = Path(self._where(shard))
+            if not path.is_file():
+                raise IntegrityError(f"shard '{path}' listed in the manifest is missing", fix="re-run data prepare")
+            if path.stat().st_size != self.table.sizes[shard]:
+                raise IntegrityError(f"shard '{path}' holds {path.stat().st_size} bytes, the manifest says "
+                                     f"{self.table.sizes[shard]} (truncated or replaced)",
+                                     fix="restore the file or re-run `shardforge data prepare`")  # fmt: skip
+            if len(self._files) >= 8:
+                os.close(self._files.pop(next(iter(self._files))))
+            self._files[shard] = os.open(path, os.O_RDONLY)
+        return self._files[shard]
+
+    def close(self) -> None:
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+    def __del__(self):
+        self.close()
 
     def samples(self, shard: int) -> list[np.ndarray]:
+        """Every sample of ``shard``, read whole and checked against the manifest's sha256."""
         if self._cache and self._cache[0] == shard:
             return self._cache[1]
-        meta = self.shards[shard]
-        data = _read_bytes(self.root, meta["path"])
-        where = _url(self.root, meta["path"]) if _is_remote(self.root) else str(Path(self.root) / meta["path"])
-        if self.verify and hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        data = _read_bytes(self.root, self.table.path(shard))
+        self.bytes_read += len(data)
+        where = self._where(shard)
+        if self.verify and hashlib.sha256(data).digest() != self.table.sha256[shard].tobytes():
             raise IntegrityError(
                 f"shard '{where}' does not match the manifest's sha256 (corrupt or truncated)",
                 fix="restore the file or re-run `shardforge data prepare`",
             )
         samples = self._parse(data, where)
-        if len(samples) != meta["samples"]:
+        if len(samples) != self.counts[shard]:
             raise IntegrityError(
-                f"shard '{where}' holds {len(samples)} samples, the manifest says {meta['samples']}",
+                f"shard '{where}' holds {len(samples)} samples, the manifest says {self.counts[shard]}",
                 fix="restore the file or re-run `shardforge data prepare`",
             )
         self._cache = (shard, samples)
@@ -113,10 +197,16 @@ class SampleStream:
     """The global, endless, shuffled sample sequence of one split; random access by position."""
 
     def __init__(
-        self, root: str | Path, split: str = "train", seed: int = 1234, shuffle: bool = True, verify: bool = True
+        self,
+        root: str | Path,
+        split: str = "train",
+        seed: int = 1234,
+        shuffle: bool = True,
+        verify: bool = True,
+        indexed: bool = True,
     ):
         self.root = str(root)
-        self.reader = ShardReader(self.root, split, verify=verify)
+        self.reader = ShardReader(self.root, split, verify=verify, indexed=indexed)
         self.split, self.seed, self.shuffle = split, seed, shuffle
         self.epoch_size = sum(self.reader.counts)
         if self.epoch_size == 0:
@@ -145,9 +235,9 @@ class SampleStream:
             order, starts = self._epoch_order(epoch)
             k = int(np.searchsorted(starts, offset, side="right")) - 1
             shard = int(order[k])
-            samples, within = self.reader.samples(shard), self._within(epoch, shard)
+            within = self._within(epoch, shard)
             first = offset - int(starts[k])
             take = min(count - len(out), int(starts[k + 1]) - offset)
-            out += [samples[j] for j in within[first : first + take]]
+            out += self.reader.take(shard, within[first : first + take])
             pos += take
         return out

@@ -41,6 +41,12 @@ def _pax(data: bytes) -> dict[str, str]:
 
 def iter_members(data: bytes):
     """Yield ``(name, payload)`` for each regular file of an uncompressed tar held in memory."""
+    for name, start, size in iter_member_offsets(data):
+        yield name, data[start : start + size]
+
+
+def iter_member_offsets(data: bytes):
+    """Yield ``(name, payload offset, payload size)`` for each regular file of an uncompressed tar."""
     pos, pending = 0, {}
     while pos + BLOCK <= len(data):
         header = data[pos : pos + BLOCK]
@@ -60,7 +66,7 @@ def iter_members(data: bytes):
         if kind in (b"0", b"\0"):
             name = pending.get("path") or header[:100].split(b"\0", 1)[0].decode("utf-8")
             pending = {}
-            yield name, payload
+            yield name, pos - (size + BLOCK - 1) // BLOCK * BLOCK, size
     raise TarFormatError("tar ends without its end-of-archive marker (truncated)")
 
 
@@ -93,3 +99,47 @@ def read_token_samples(data: bytes) -> list[np.ndarray]:
 
     members = tar_file_iterator(io.BytesIO(data))
     return [np.load(io.BytesIO(m["data"])) for m in members if base_plus_ext(m["fname"])[1] == "tokens.npy"]
+
+
+# The sample index: a sidecar of each shard, written by ``pack`` and listed (with its sha256) in the manifest, that
+# lets a reader fetch single samples by byte range and check each one without hashing the shard.
+INDEX_SUFFIX = ".index.safetensors"
+
+
+def index_path(shard_path: str) -> str:
+    """``train/shard-000000.tar`` -> ``train/shard-000000.index.safetensors``."""
+    return shard_path.removesuffix(".tar") + INDEX_SUFFIX
+
+
+def write_sample_index(tar_path, out_path) -> int:
+    """Index the ``*.tokens.npy`` members of a finished shard: each payload's byte offset and size and its CRC-32.
+    Returns the number of samples."""
+    import zlib
+    from pathlib import Path
+
+    from safetensors.numpy import save_file
+
+    data = Path(tar_path).read_bytes()
+    members = [(o, n) for name, o, n in iter_member_offsets(data) if name.endswith(".tokens.npy")]
+    rows = [(o, n, zlib.crc32(data[o : o + n])) for o, n in members]
+    arrays = {
+        "offset": np.array([r[0] for r in rows], dtype=np.int64),
+        "size": np.array([r[1] for r in rows], dtype=np.int64),
+        "crc32": np.array([r[2] for r in rows], dtype=np.uint32),
+    }
+    save_file(arrays, str(out_path), metadata={"format": "shardforge-sample-index/1"})
+    return len(rows)
+
+
+def read_sample_index(blob: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets, sizes, crc32s) of a sample index file's bytes."""
+    from safetensors.numpy import load
+
+    arrays = load(blob)
+    return arrays["offset"], arrays["size"], arrays["crc32"]
+
+
+def sample_crc_ok(payload: bytes, crc: int) -> bool:
+    import zlib
+
+    return zlib.crc32(payload) == int(crc)

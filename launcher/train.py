@@ -58,19 +58,22 @@ def _train_stream(cfg: RunConfig, manifest: dict):
 
 
 def _loaders(cfg: RunConfig, layout, manifest: dict):
-    from data_pipeline.batch_loader import BatchLoader
+    """This rank's training and validation batches. Only the first pipeline stage (inputs) and the last (labels)
+    read tokens; stages between get zeros of the right shape and read nothing. TP ranks of a stage each read their
+    own copy of the same rows (by byte range: a few KB a step, from the node's page cache after the first rank),
+    which costs less than a broadcast over the TP group every step."""
+    from data_pipeline.batch_loader import BatchLoader, TokensNotRead
     from data_pipeline.sample_stream import SampleStream
 
     t, root = cfg.train, cfg.data.output_dir
-    train = BatchLoader(
-        _train_stream(cfg, manifest),
-        t.global_batch_size,
-        t.micro_batch_size,
-        layout.dp_rank,
-        layout.dp,
-        cfg.loader.num_workers,
-    )
+    reads = layout.pp_rank in (0, layout.pp - 1)
+    stream = _train_stream(cfg, manifest)
     val_stream = SampleStream(root, "validation", seed=cfg.loader.seed, shuffle=False)
+    if not reads:
+        stream = TokensNotRead(stream, manifest["sample_tokens"])
+        val_stream = TokensNotRead(val_stream, manifest["sample_tokens"])
+    train = BatchLoader(stream, t.global_batch_size, t.micro_batch_size, layout.dp_rank, layout.dp,
+                        cfg.loader.num_workers if reads else 0)  # fmt: skip
 
     def val_batches():
         gbs = t.micro_batch_size * layout.dp * t.eval_iters

@@ -23,7 +23,7 @@ from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 def shard_tokens(ds: Path, split: str) -> np.ndarray:
     reader = ShardReader(str(ds), split)
-    parts = [np.stack(reader.samples(i)) for i in range(len(reader.shards))]
+    parts = [np.stack(reader.samples(i)) for i in range(len(reader.counts))]
     return np.concatenate(parts).reshape(-1) if parts else np.zeros(0, dtype=np.int64)
 
 
