@@ -23,7 +23,16 @@ import numpy as np
 from core.errors import DataError, IntegrityError
 from data_pipeline.manifest import MANIFEST
 from data_pipeline.shard_table import Dataset, dataset, parse_bytes
-from data_pipeline.tarshard import decode_npy, index_path, read_sample_index, read_token_samples, sample_crc_ok
+from data_pipeline.tarshard import (
+    INDEX_ROW,
+    TarFormatError,
+    decode_samples,
+    index_path,
+    index_rows_start,
+    read_index_rows,
+    read_token_samples,
+    sample_crc_ok,
+)
 from data_pipeline.tokenizer import load_tokenizer
 
 
@@ -79,10 +88,10 @@ def _rng(*keys: int) -> np.random.Generator:
 
 class ShardReader:
     """Reads one split's samples. Shards with a sample index (every dataset prepared since the index exists) are
-    read by byte range, sample by sample, each checked against its CRC-32 (the index itself against the
-    manifest's sha256): a rank reads only the samples it trains on. Others (older datasets, URL and pipe roots)
-    are read whole, checked against the manifest's sha256, and the last one is kept in memory. ``bytes_read``
-    counts what came from storage."""
+    read by byte range, sample by sample (the index rows too), each sample checked against its CRC-32: a rank
+    reads only the samples it trains on (``shardforge data verify`` checks whole files against the manifest).
+    Others (older datasets, URL and pipe roots) are read whole, checked against the manifest's sha256, and the
+    last one is kept in memory. ``bytes_read`` counts what came from storage."""
 
     def __init__(self, root: str, split: str, verify: bool = True, indexed: bool = True):
         self.root = str(root)
@@ -95,7 +104,7 @@ class ShardReader:
         self.indexed = indexed and self.table.index_sha256 is not None and not _is_remote(self.root)
         self.bytes_read = 0
         self._cache: tuple[int, list[np.ndarray]] | None = None
-        self._indexes: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._indexes: dict[int, tuple[int, int]] = {}
         self._files: dict[int, int] = {}
 
     def _where(self, shard: int) -> str:
@@ -107,39 +116,41 @@ class ShardReader:
         if not self.indexed:
             samples = self.samples(shard)
             return [samples[j] for j in ids]
-        offsets, sizes, crcs = self._index(shard)
+        index_fd, rows_start = self._index(shard)
+        rows = read_index_rows(index_fd, rows_start, ids)
         fd = self._file(shard)
-        out = []
-        for j in ids:
-            blob = os.pread(fd, int(sizes[j]), int(offsets[j]))
-            self.bytes_read += len(blob)
-            if len(blob) != sizes[j] or not sample_crc_ok(blob, crcs[j]):
+        blobs = [os.pread(fd, int(size), int(offset)) for offset, size, _ in rows]
+        self.bytes_read += len(rows) * INDEX_ROW + sum(len(b) for b in blobs)
+        for j, (offset, size, crc), blob in zip(ids, rows, blobs):
+            if len(blob) != size or not sample_crc_ok(blob, crc):
                 raise IntegrityError(
-                    f"shard '{self._where(shard)}': sample {j} (bytes {offsets[j]}-{offsets[j] + sizes[j]}) fails "
-                    "its CRC-32 (corrupt or truncated)",
+                    f"shard '{self._where(shard)}': sample {j} (bytes {offset}-{offset + size}) fails its CRC-32 "
+                    "(corrupt or truncated)",
                     fix="restore the file or re-run `shardforge data prepare`; `shardforge data verify` checks all",
                 )
-            out.append(decode_npy(blob))
-        return out
+        return decode_samples(blobs)
 
-    def _index(self, shard: int):
+    def _index(self, shard: int) -> tuple[int, int]:
+        """The open sample index of ``shard`` and where its rows start (its header read, its rows not)."""
         if shard not in self._indexes:
-            rel = index_path(self.table.path(shard))
-            data = _read_bytes(self.root, rel)
-            self.bytes_read += len(data)
-            if hashlib.sha256(data).digest() != self.table.index_sha256[shard].tobytes():
-                raise IntegrityError(f"sample index '{Path(self.root) / rel}' does not match the manifest's sha256",
-                                     fix="restore the file or re-run `shardforge data prepare`")  # fmt: skip
-            index = read_sample_index(data)
-            if len(index[0]) != self.counts[shard]:
-                raise IntegrityError(
-                    f"sample index '{Path(self.root) / rel}' lists {len(index[0])} samples, the manifest "
-                    f"{self.counts[shard]}",
-                    fix="re-run `shardforge data prepare`",
-                )
-            if len(self._indexes) >= 4:
-                self._indexes.pop(next(iter(self._indexes)))
-            self._indexes[shard] = index
+            path = Path(self.root) / index_path(self.table.path(shard))
+            fix = "restore it or re-run `shardforge data prepare`"
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                raise IntegrityError(f"sample index '{path}' is missing", fix=fix) from None
+            try:
+                start, rows = index_rows_start(fd)
+            except (TarFormatError, ValueError, KeyError, TypeError):
+                os.close(fd)
+                raise IntegrityError(f"sample index '{path}' is damaged", fix=fix) from None
+            if rows != self.counts[shard]:
+                os.close(fd)
+                raise IntegrityError(f"sample index '{path}' lists {rows} samples, the manifest {self.counts[shard]}",
+                                     fix=fix)  # fmt: skip
+            if len(self._indexes) >= 8:
+                os.close(self._indexes.pop(next(iter(self._indexes)))[0])
+            self._indexes[shard] = (fd, start)
         return self._indexes[shard]
 
     def _file(self, shard: int) -> int:
@@ -157,9 +168,10 @@ class ShardReader:
         return self._files[shard]
 
     def close(self) -> None:
-        for fd in self._files.values():
+        for fd in [*self._files.values(), *(fd for fd, _ in self._indexes.values())]:
             os.close(fd)
         self._files.clear()
+        self._indexes.clear()
 
     def __del__(self):
         self.close()

@@ -101,9 +101,13 @@ def read_token_samples(data: bytes) -> list[np.ndarray]:
     return [np.load(io.BytesIO(m["data"])) for m in members if base_plus_ext(m["fname"])[1] == "tokens.npy"]
 
 
-# The sample index: a sidecar of each shard, written by ``pack`` and listed (with its sha256) in the manifest, that
-# lets a reader fetch single samples by byte range and check each one without hashing the shard.
+# The sample index: a sidecar of each shard, written by ``pack`` and listed (with its sha256) in the manifest. One
+# safetensors tensor ``entries`` of shape (samples, 3), int64: each sample's payload byte offset, size and CRC-32.
+# A reader fetches the rows it needs by byte range (24 bytes a sample), then the samples themselves, and checks
+# each sample against its CRC-32: no shard is hashed at training time, and a damaged index row points at bytes
+# that fail their CRC.
 INDEX_SUFFIX = ".index.safetensors"
+INDEX_ROW = 24
 
 
 def index_path(shard_path: str) -> str:
@@ -112,8 +116,7 @@ def index_path(shard_path: str) -> str:
 
 
 def write_sample_index(tar_path, out_path) -> int:
-    """Index the ``*.tokens.npy`` members of a finished shard: each payload's byte offset and size and its CRC-32.
-    Returns the number of samples."""
+    """Index the ``*.tokens.npy`` members of a finished shard; returns the number of samples."""
     import zlib
     from pathlib import Path
 
@@ -121,25 +124,46 @@ def write_sample_index(tar_path, out_path) -> int:
 
     data = Path(tar_path).read_bytes()
     members = [(o, n) for name, o, n in iter_member_offsets(data) if name.endswith(".tokens.npy")]
-    rows = [(o, n, zlib.crc32(data[o : o + n])) for o, n in members]
-    arrays = {
-        "offset": np.array([r[0] for r in rows], dtype=np.int64),
-        "size": np.array([r[1] for r in rows], dtype=np.int64),
-        "crc32": np.array([r[2] for r in rows], dtype=np.uint32),
-    }
-    save_file(arrays, str(out_path), metadata={"format": "shardforge-sample-index/1"})
-    return len(rows)
+    entries = np.array([(o, n, zlib.crc32(data[o : o + n])) for o, n in members], dtype=np.int64).reshape(-1, 3)
+    save_file({"entries": entries}, str(out_path), metadata={"format": "shardforge-sample-index/1"})
+    return len(members)
 
 
-def read_sample_index(blob: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(offsets, sizes, crc32s) of a sample index file's bytes."""
-    from safetensors.numpy import load
+def index_rows_start(fd: int) -> tuple[int, int]:
+    """(byte offset of the first index row, number of rows) of an open sample index file."""
+    import json
+    import os
 
-    arrays = load(blob)
-    return arrays["offset"], arrays["size"], arrays["crc32"]
+    head = os.pread(fd, 8, 0)
+    size = int.from_bytes(head, "little") if len(head) == 8 else -1
+    header = json.loads(os.pread(fd, size, 8)) if 0 < size < 1 << 20 else {}
+    entry = header.get("entries", {})
+    if entry.get("dtype") != "I64" or len(entry.get("shape", [])) != 2 or entry["shape"][1] != 3:
+        raise TarFormatError("not a sample index (no int64 'entries' of shape (samples, 3))")
+    return 8 + size + entry["data_offsets"][0], entry["shape"][0]
+
+
+def read_index_rows(fd: int, start: int, ids) -> np.ndarray:
+    """Rows ``ids`` of an open sample index: (len(ids), 3) int64 offset, size, CRC-32."""
+    import os
+
+    blob = b"".join(os.pread(fd, INDEX_ROW, start + INDEX_ROW * int(j)) for j in ids)
+    return np.frombuffer(blob, dtype="<i8").reshape(-1, 3)
 
 
 def sample_crc_ok(payload: bytes, crc: int) -> bool:
     import zlib
 
     return zlib.crc32(payload) == int(crc)
+
+
+def decode_samples(blobs: list[bytes]) -> list[np.ndarray]:
+    """``.npy`` payloads of one shape and dtype (a shard's samples) decoded with one header parse."""
+    if not blobs:
+        return []
+    first = decode_npy(blobs[0])
+    head = len(blobs[0]) - first.nbytes
+    if any(b[:head] != blobs[0][:head] or len(b) != len(blobs[0]) for b in blobs):
+        return [decode_npy(b) for b in blobs]
+    flat = np.frombuffer(b"".join(b[head:] for b in blobs), dtype=first.dtype)
+    return list(flat.reshape(len(blobs), *first.shape))
