@@ -104,6 +104,10 @@ class LoaderConfig(Section):
     """Shuffle shard order and samples within each shard, with a new order every epoch."""
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes per rank (0: read in the training process)."""
+    prefetch: Literal["auto", "on", "off"] = "auto"
+    """With ``num_workers: 0``, read the next step's samples in a background thread while the current step runs.
+    auto: on where a GPU runs the step (the host thread would wait on the device), off on CPUs (the thread would
+    compete with the step's own threads for the cores)."""
     seed: int = 1234
     """Seed of the shuffle; the same seed gives the same sample order."""
 

@@ -107,7 +107,14 @@ class BatchLoader:
     """This rank's micro-batches, step by step: ``next_step()`` -> list of LongTensor (mbs, seq_length + 1)."""
 
     def __init__(
-        self, stream, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0, dp: int = 1, num_workers: int = 0
+        self,
+        stream,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp: int = 1,
+        num_workers: int = 0,
+        prefetch: bool = False,
     ):
         if global_batch_size % (micro_batch_size * dp):
             raise ConfigError(
@@ -117,12 +124,18 @@ class BatchLoader:
         self.dp_rank, self.dp, self.num_workers = dp_rank, dp, num_workers
         self.position = 0
         self._it: Iterator | None = None
+        self.prefetch = prefetch and num_workers == 0
+        self._pending = None  # the next step's samples, being read by the prefetch thread
+        self._pool = None
+        self._state: dict | None = None  # the stream's state at ``position``, taken before a prefetch moves it
 
     @property
     def accumulation_steps(self) -> int:
         return self.gbs // (self.mbs * self.dp)
 
     def next_step(self) -> list[torch.Tensor]:
+        if self.prefetch:
+            return self._next_prefetched()
         if self.num_workers == 0:
             step = _rank_step(self.stream, self.position, self.gbs, self.mbs, self.dp_rank, self.dp)
         else:
@@ -139,14 +152,37 @@ class BatchLoader:
         self.position += self.gbs
         return step
 
+    def _next_prefetched(self) -> list[torch.Tensor]:
+        """This step from the prefetch thread (read now if none is pending), then start reading the next one. The
+        stream's state at the new position is taken first, so saving it never races the thread."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        shape = (self.gbs, self.mbs, self.dp_rank, self.dp)
+        if self._pending is None:
+            step = _rank_step(self.stream, self.position, *shape)
+        else:
+            step, self._pending = self._pending.result(), None
+        self.position += self.gbs
+        self._state = self.stream.state_at(self.position) if hasattr(self.stream, "state_at") else None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self._pending = self._pool.submit(_rank_step, self.stream, self.position, *shape)
+        return step
+
+    def _drop_prefetch(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel() or self._pending.exception()  # wait for a running read; its error is moot
+            self._pending = None
+
     def state_dict(self) -> dict:
         """Layout-independent: the global position, and the blend counts there."""
         state = {"position": self.position, "global_batch_size": self.gbs}
         if hasattr(self.stream, "state_at"):
-            state["stream"] = self.stream.state_at(self.position)
+            state["stream"] = self._state if self._pending is not None else self.stream.state_at(self.position)
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        self._drop_prefetch()
         self.position = int(state["position"])
         if "stream" in state and hasattr(self.stream, "load_state_at"):
             self.stream.load_state_at(self.position, state["stream"])

@@ -117,9 +117,9 @@ class ShardReader:
             samples = self.samples(shard)
             return [samples[j] for j in ids]
         index_fd, rows_start = self._index(shard)
-        rows = read_index_rows(index_fd, rows_start, ids)
+        rows = read_index_rows(index_fd, rows_start, ids).tolist()  # Python ints: no numpy scalar per field
         fd = self._file(shard)
-        blobs = [os.pread(fd, int(size), int(offset)) for offset, size, _ in rows]
+        blobs = [os.pread(fd, size, offset) for offset, size, _ in rows]
         self.bytes_read += len(rows) * INDEX_ROW + sum(len(b) for b in blobs)
         for j, (offset, size, crc), blob in zip(ids, rows, blobs):
             if len(blob) != size or not sample_crc_ok(blob, crc):
@@ -224,6 +224,7 @@ class SampleStream:
         if self.epoch_size == 0:
             raise DataError(f"split '{split}' of '{root}' holds no samples", fix="prepare more data")
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._within_cache: tuple[tuple[int, int], list[int]] | None = None
 
     def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard order, cumulative sample offsets of that order) for ``epoch``."""
@@ -235,8 +236,12 @@ class SampleStream:
         return self._epoch_cache[1], self._epoch_cache[2]
 
     def _within(self, epoch: int, shard: int) -> np.ndarray:
-        n = self.reader.counts[shard]
-        return _rng(self.seed, epoch, shard, 7).permutation(n) if self.shuffle else np.arange(n)
+        """The order of ``shard``'s samples in ``epoch`` (the last one kept: a step reads a few of them)."""
+        if self._within_cache is None or self._within_cache[0] != (epoch, shard):
+            n = self.reader.counts[shard]
+            order = _rng(self.seed, epoch, shard, 7).permutation(n) if self.shuffle else np.arange(n)
+            self._within_cache = ((epoch, shard), order.tolist())
+        return self._within_cache[1]
 
     def read(self, start: int, count: int) -> list[np.ndarray]:
         """Samples at global positions ``[start, start + count)``, crossing epochs as needed."""

@@ -72,8 +72,9 @@ def _loaders(cfg: RunConfig, layout, manifest: dict):
     if not reads:
         stream = TokensNotRead(stream, manifest["sample_tokens"])
         val_stream = TokensNotRead(val_stream, manifest["sample_tokens"])
+    prefetch = reads and {"on": True, "off": False}.get(cfg.loader.prefetch, layout.device.type == "cuda")
     train = BatchLoader(stream, t.global_batch_size, t.micro_batch_size, layout.dp_rank, layout.dp,
-                        cfg.loader.num_workers if reads else 0)  # fmt: skip
+                        cfg.loader.num_workers if reads else 0, prefetch)  # fmt: skip
 
     def val_batches():
         gbs = t.micro_batch_size * layout.dp * t.eval_iters

@@ -6,6 +6,7 @@ import hashlib
 from collections import Counter
 
 import numpy as np
+import pytest
 
 from data_pipeline.batch_loader import BatchLoader, BlendedStream
 from data_pipeline.manifest import read_manifest
@@ -104,10 +105,17 @@ def test_pipe_urls_stream_the_same_samples(prepared):
     assert global_steps(loaders(url, 1), 4) == global_steps(loaders(prepared, 1), 4)
 
 
-def test_blend_is_exact_deterministic_and_resumable(prepared):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_blend_is_exact_deterministic_and_resumable(prepared, prefetch):
+    """The same steps and states with the next step read ahead in a thread (the state saved is the position's,
+    not the read-ahead's)."""
+
     def blend(dp=1):
-        streams = [SampleStream(prepared, "train", seed=1), SampleStream(prepared, "validation", seed=1)]
-        return [BatchLoader(BlendedStream(streams, [3.0, 1.0]), GBS, MBS, r, dp) for r in range(dp)]
+        def streams():
+            return [SampleStream(prepared, "train", seed=1), SampleStream(prepared, "validation", seed=1)]
+
+        return [BatchLoader(BlendedStream(streams(), [3.0, 1.0]), GBS, MBS, r, dp, prefetch=prefetch)
+                for r in range(dp)]  # fmt: skip
 
     lds = blend()
     full = global_steps(lds, 10)
