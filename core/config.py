@@ -32,7 +32,9 @@ class DataConfig(Section):
     """Tokens per training sample; each packed sample holds seq_length + 1 tokens."""
     split: tuple[float, float, float] = (0.98, 0.01, 0.01)
     """Fractions for train/validation/test, assigned by a hash of each document's content."""
-    extensions: list[str] = Field(default_factory=lambda: [".txt", ".md", ".py", ".jsonl", ".jsonl.gz", ".jsonl.zst"])
+    extensions: list[str] = Field(
+        default_factory=lambda: [".txt", ".md", ".py", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet"]
+    )
     """File suffixes picked up when an input is a directory."""
     validation_inputs: list[str] = Field(default_factory=list)
     """Files, directories or globs holding the validation split (as Megatron's separate valid data path): every
@@ -42,7 +44,7 @@ class DataConfig(Section):
     test_inputs: list[str] = Field(default_factory=list)
     """The same for the test split."""
     text_field: str = "text"
-    """Field holding the text in JSONL records."""
+    """Field holding the text in JSONL records, and the string column holding it in parquet files."""
     on_invalid_utf8: Literal["skip", "fail"] = "skip"
     """A file that is not valid UTF-8: count and skip it, or stop with an error."""
     on_missing_field: Literal["skip", "fail"] = "fail"

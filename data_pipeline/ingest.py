@@ -1,4 +1,4 @@
-"""Ingest: turn inputs (files, directories, globs; text or JSONL, optionally gzip/zstd) into documents.
+"""Ingest: turn inputs (files, directories, globs; text, JSONL optionally gzip/zstd, parquet) into documents.
 
 Owns the built-in default corpus (this Python's standard library sources, found through ``sysconfig``) and the
 counted handling of bad input: invalid UTF-8, JSONL records without the text field, unreadable files.
@@ -152,6 +152,45 @@ def _jsonl_documents(path: Path, raw: bytes, cfg: DataConfig, stats: IngestStats
         yield Document(f"{path}:{lineno}", value)
 
 
+PARQUET_BATCH_ROWS = 1024
+
+
+def _parquet_documents(path: Path, cfg: DataConfig, stats: IngestStats) -> Iterator[Document]:
+    """The ``data.text_field`` column of a parquet file, read a batch of rows at a time (never the whole file)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fix = "download it again or remove it from data.inputs"
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"input file '{path}' is not a readable parquet file ({' '.join(str(e).split())})",
+                        fix=fix) from None  # fmt: skip
+    names = pf.schema_arrow.names
+    field = pf.schema_arrow.field(cfg.text_field) if cfg.text_field in names else None
+    if field is None or not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+        if cfg.on_missing_field == "fail":
+            what = f"its '{cfg.text_field}' column is {field.type}" if field else f"it has no '{cfg.text_field}' column"
+            raise DataError(f"parquet file '{path}': {what} (columns: {', '.join(names)})",
+                            fix="set data.text_field to the string column holding the text, or "
+                            "data.on_missing_field=skip to count and skip such files")  # fmt: skip
+        stats.skipped_files.append(str(path))
+        stats.skipped_missing_field += pf.metadata.num_rows
+        return
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[cfg.text_field]):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                if value is None:
+                    stats.skipped_missing_field += 1
+                    continue
+                yield Document(f"{path}:{row}", value)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"parquet file '{path}' is damaged after row {row} ({' '.join(str(e).split())})",
+                        fix=fix) from None  # fmt: skip
+
+
 def iter_documents(
     cfg: DataConfig, stats: IngestStats | None = None, files: list[Path] | None = None
 ) -> Iterator[Document]:
@@ -159,6 +198,12 @@ def iter_documents(
     skipped in ``stats``."""
     stats = stats if stats is not None else IngestStats()
     for path in resolve_inputs(cfg) if files is None else files:
+        if path.name.endswith(".parquet"):
+            stats.files += 1
+            yield from _limited(_parquet_documents(path, cfg, stats), cfg, stats)
+            if cfg.max_documents is not None and stats.documents >= cfg.max_documents:
+                return
+            continue
         raw = _open_bytes(path)
         if _has_suffix(path, JSONL_SUFFIXES):  # decoded line by line: one bad line costs that line, not the file
             stats.files += 1
@@ -169,9 +214,16 @@ def iter_documents(
                 continue
             stats.files += 1
             docs = [Document(str(path), text)]
-        for doc in docs:
-            if cfg.max_documents is not None and stats.documents >= cfg.max_documents:
-                return
-            stats.documents += 1
-            stats.bytes += len(doc.text.encode("utf-8"))
-            yield doc
+        yield from _limited(docs, cfg, stats)
+        if cfg.max_documents is not None and stats.documents >= cfg.max_documents:
+            return
+
+
+def _limited(docs, cfg: DataConfig, stats: IngestStats) -> Iterator[Document]:
+    """Count each document; stop at ``data.max_documents``."""
+    for doc in docs:
+        if cfg.max_documents is not None and stats.documents >= cfg.max_documents:
+            return
+        stats.documents += 1
+        stats.bytes += len(doc.text.encode("utf-8"))
+        yield doc

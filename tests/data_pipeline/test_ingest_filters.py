@@ -159,3 +159,46 @@ def test_max_chars_drops_long_documents_and_counts_them():
     assert kept == [texts[0], texts[2]]
     assert report["stages"]["length"]["docs_dropped"] == 1 and report["stages"]["length"]["bytes_dropped"] == 2009
     assert report["reasons"] == {"too_long": 1}
+
+
+def write_parquet(path, texts, column="content", row_group_size=3):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": list(range(len(texts))), column: texts})
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+def test_parquet_text_column_is_read_batch_by_batch(tmp_path, monkeypatch):
+    """Every row of the text column, in order, across batches of 2 rows and row groups of 3; null rows counted as
+    missing; the same documents as the JSONL file holding the same texts."""
+    monkeypatch.setattr("data_pipeline.ingest.PARQUET_BATCH_ROWS", 2)
+    texts = [f"document number {i} " * (i + 3) for i in range(10)]
+    write_parquet(tmp_path / "a.parquet", [*texts[:4], None, *texts[4:]])
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"content": t}) + "\n" for t in texts))
+    stats = IngestStats()
+    cfg = DataConfig(inputs=[str(tmp_path / "a.parquet")], text_field="content")
+    docs = list(iter_documents(cfg, stats))
+    assert [d.text for d in docs] == texts and len(docs) == 10
+    assert docs[4].source.endswith("a.parquet:6") and stats.skipped_missing_field == 1 and stats.documents == 10
+    jsonl = DataConfig(inputs=[str(tmp_path / "b.jsonl")], text_field="content")
+    assert [d.text for d in iter_documents(jsonl)] == [d.text for d in docs]
+    limited = DataConfig(inputs=[str(tmp_path / "a.parquet")], text_field="content", max_documents=7)
+    assert len(list(iter_documents(limited))) == 7
+
+
+def test_a_corrupt_or_mismatched_parquet_file_is_named(tmp_path):
+    write_parquet(tmp_path / "good.parquet", ["some text " * 10] * 5)
+    raw = (tmp_path / "good.parquet").read_bytes()
+    (tmp_path / "bad.parquet").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match=r"'.*bad.parquet' is not a readable parquet file"):
+        list(iter_documents(DataConfig(inputs=[str(tmp_path / "bad.parquet")], text_field="content")))
+    with pytest.raises(
+        DataError, match=r"parquet file '.*good.parquet': it has no 'text' column \(columns: id, content\)"
+    ):
+        list(iter_documents(DataConfig(inputs=[str(tmp_path / "good.parquet")])))
+    with pytest.raises(DataError, match=r"its 'id' column is int64"):
+        list(iter_documents(DataConfig(inputs=[str(tmp_path / "good.parquet")], text_field="id")))
+    stats = IngestStats()
+    skip = DataConfig(inputs=[str(tmp_path / "good.parquet")], on_missing_field="skip")
+    assert list(iter_documents(skip, stats)) == [] and stats.skipped_missing_field == 5

@@ -13,9 +13,15 @@ from conftest import REPO, stdlib_files
 
 
 def _corpus(root):
-    """40 real files, plus exact and near duplicates whose originals fall in other array tasks' file groups."""
+    """40 real files, plus exact and near duplicates whose originals fall in other array tasks' file groups, and 12
+    more documents in a parquet file (row groups of 4) and a JSONL file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     root.mkdir()
-    files = stdlib_files(40)
+    files, more = stdlib_files(40), [f.read_text() for f in stdlib_files(52)[40:]]
+    pq.write_table(pa.table({"text": more[:6]}), root / "c_docs.parquet", row_group_size=4)
+    (root / "d_docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in more[6:]))
     for f in files:
         shutil.copyfile(f, root / f"b_{f.name}")
     for f in files[:3]:  # exact copies, sorted first: task 0 keeps them, tasks 1-3 drop the originals
@@ -48,6 +54,7 @@ def test_slurm_prepare_matches_the_local_one(slurm_cluster, tmp_path):
     a = json.loads((tmp_path / "local" / "manifest.json").read_text())
     b = json.loads((tmp_path / "slurm" / "manifest.json").read_text())
     stages = a["filter_report"]["stages"]
+    assert a["ingest"]["files"] == 46 and a["ingest"]["documents"] == 56  # 44 .py, 6 parquet rows, 6 JSONL lines
     assert stages["exact_dedup"]["docs_dropped"] == 3 and stages["near_dedup"]["docs_dropped"] == 1
     assert b["filter_report"] == a["filter_report"] and b["ingest"] == a["ingest"]
     assert b["tokenizer"] == a["tokenizer"]  # same sample of the same documents: the same SentencePiece model
