@@ -8,7 +8,8 @@ stage         runs as              does
 ``dedup``     one task             exact and near deduplication over all tasks' documents in the global input
                                    order (the order one machine uses, so the same documents survive), split
                                    assignment, tokenizer training on the same sample as one machine
-``pack``      array task i of N    tokenize and pack task i's surviving documents into its own shards
+``pack``      array task i of N    tokenize and pack task i's surviving documents (its own byte range of the
+                                   split files, nothing before it) into its own shards
 ``finalize``  one task             one manifest with counts and checksums; atomic publish into data.output_dir
 ============  ===================  =============================================================================
 
@@ -100,9 +101,9 @@ def stage_dedup(cfg: RunConfig, work: Path, tasks: int) -> None:
             part = _result(work, "map", task)
             _merge_ingest(stats, part["ingest"])
             filt.absorb(part["filter_report"])
-            start = {s: info[s]["documents"] for s in SPLIT_NAMES}
+            start = {s: outs[s].tell() for s in SPLIT_NAMES}
             _dedup_task(cfg, work, task, filt, outs, info)
-            ranges.append({s: [start[s], info[s]["documents"]] for s in SPLIT_NAMES})
+            ranges.append({s: [start[s], outs[s].tell()] for s in SPLIT_NAMES})  # byte ranges of task's documents
     finally:
         for f in outs.values():
             f.close()
@@ -132,12 +133,11 @@ def _dedup_task(cfg: RunConfig, work: Path, task: int, filt: FilterPipeline, out
 
 
 def _lines(path: Path, start: int, end: int):
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if i >= end:
-                return
-            if i >= start:
-                yield json.loads(line)["text"]
+    """The documents written between byte offsets ``start`` and ``end``: a pack task reads only its own."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        while f.tell() < end:
+            yield json.loads(f.readline())["text"]
 
 
 def stage_pack(cfg: RunConfig, work: Path, task: int) -> None:

@@ -230,7 +230,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     initialized = parallel_state.model_parallel_is_initialized()
     if not initialized or parallel_state.get_tensor_model_parallel_world_size() == 1:
         flat = labels.masked_fill(~keep, -100).view(-1)
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), flat, reduction="sum") / count
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), flat, reduction="sum") / count
     per_token = vocab_parallel_cross_entropy(logits.float(), labels.clamp(min=0))
     return (per_token * keep).sum() / count
 
