@@ -170,4 +170,3 @@ def test_blended_datasets_train_and_a_foreign_tokenizer_is_refused(tmp_path, pre
     foreign = f"loader.blend=[{{path: {prepared}, weight: 1}}, {{path: {tmp_path / 'other'}, weight: 1}}]"
     r, _, _ = run_train(tmp_path, prepared, "train.max_steps=2", foreign, name="foreign")
     assert r.returncode == EXIT_USAGE and "another tokenizer" in r.stderr
-
