@@ -241,3 +241,21 @@ def test_the_manifest_is_parsed_once_per_process_into_compact_tables(prepared, t
     raw["note"] = "changed"
     (data / "manifest.json").write_text(json.dumps(raw))
     assert load_dataset(str(data)) is not first and load_dataset_manifest(str(data))["note"] == "changed"
+
+
+def test_a_stage_that_uses_no_tokens_reads_none_and_keeps_the_blend_state(prepared):
+    """Pipeline stages between the first and the last get zero samples of the right shape and read nothing; their
+    loader state (a blend's counts) is the reading loader's."""
+    from data_pipeline.batch_loader import TokensNotRead
+
+    def blend():
+        return BlendedStream([SampleStream(prepared, "train", seed=1), SampleStream(prepared, "validation")], [2, 1])
+
+    idle_stream = blend()
+    idle, reading = BatchLoader(TokensNotRead(idle_stream, 65), GBS, MBS, 1, 2), BatchLoader(blend(), GBS, MBS, 1, 2)
+    for _ in range(3):
+        got, want = idle.next_step(), reading.next_step()
+        assert [tuple(t.shape) for t in got] == [tuple(t.shape) for t in want] == [(MBS, 65)] * 3
+        assert all(int(t.abs().sum()) == 0 for t in got)
+    assert sum(s.reader.bytes_read for s in idle_stream.streams) == 0
+    assert idle.state_dict() == reading.state_dict() and idle.state_dict()["stream"]["drawn"] == [24, 12]
