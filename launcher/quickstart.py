@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     for stale in (cfg.checkpoint.dir, cfg.logging.tensorboard_dir, run / "reference"):
         shutil.rmtree(stale, ignore_errors=True)
     if not args.data:
-        shardforge("data", "prepare", "-c", CONFIG, *over)
+        # the quickstart owns the data under its run folder: one left by an older version (another tokenizer, other
+        # settings) is replaced instead of refused; data prepared elsewhere is never touched
+        own = run.resolve() in Path(cfg.data.output_dir).resolve().parents
+        shardforge("data", "prepare", "-c", CONFIG, *over, *(["--overwrite"] if own else []))
     at_step = max(1, cfg.train.max_steps // 10)
     rc = train_interrupted(over, at_step)
     if rc != EXIT_REQUEUE:
