@@ -8,6 +8,9 @@ Anything it does not recognise goes through webdataset's own tar iterator instea
 from __future__ import annotations
 
 import io
+import json
+import os
+import zlib
 
 import numpy as np
 
@@ -117,7 +120,6 @@ def index_path(shard_path: str) -> str:
 
 def write_sample_index(tar_path, out_path) -> int:
     """Index the ``*.tokens.npy`` members of a finished shard; returns the number of samples."""
-    import zlib
     from pathlib import Path
 
     from safetensors.numpy import save_file
@@ -131,9 +133,6 @@ def write_sample_index(tar_path, out_path) -> int:
 
 def index_rows_start(fd: int) -> tuple[int, int]:
     """(byte offset of the first index row, number of rows) of an open sample index file."""
-    import json
-    import os
-
     head = os.pread(fd, 8, 0)
     size = int.from_bytes(head, "little") if len(head) == 8 else -1
     header = json.loads(os.pread(fd, size, 8)) if 0 < size < 1 << 20 else {}
@@ -145,15 +144,11 @@ def index_rows_start(fd: int) -> tuple[int, int]:
 
 def read_index_rows(fd: int, start: int, ids) -> np.ndarray:
     """Rows ``ids`` of an open sample index: (len(ids), 3) int64 offset, size, CRC-32."""
-    import os
-
     blob = b"".join(os.pread(fd, INDEX_ROW, start + INDEX_ROW * int(j)) for j in ids)
     return np.frombuffer(blob, dtype="<i8").reshape(-1, 3)
 
 
 def sample_crc_ok(payload: bytes, crc: int) -> bool:
-    import zlib
-
     return zlib.crc32(payload) == int(crc)
 
 
