@@ -2,8 +2,8 @@
 
 Stages, in order: ``clean`` (Unicode NFC, control characters, newlines), ``length``, ``quality`` (symbol and
 alphanumeric ratios, repeated lines; tuned so that source code passes, unlike web-prose filters),
-``exact_dedup`` (sha256 of the cleaned text) and ``near_dedup`` (MinHash LSH from datasketch over word
-n-grams). Every stage is deterministic for a given input order.
+``exact_dedup`` (sha256 of the cleaned text) and ``near_dedup`` (MinHash signatures from datasketch over word
+n-grams, banded and compared in :mod:`data_pipeline.dedup`). Every stage is deterministic for a given input order.
 """
 
 from __future__ import annotations
@@ -62,34 +62,22 @@ def shingles(text: str, n: int) -> set[bytes]:
     return {" ".join(words[i : i + n]).encode("utf-8") for i in range(len(words) - n + 1)}
 
 
-class NearDuplicateIndex:
-    """Streaming MinHash LSH: a document is a near-duplicate if it matches one already kept."""
+class MinHashSigner:
+    """MinHash signatures of word n-gram shingles (datasketch); :mod:`data_pipeline.dedup` bands and compares them."""
 
-    def __init__(self, threshold: float, num_perm: int, ngram: int, seed: int = 1):
-        from datasketch import MinHash, MinHashLSH
+    def __init__(self, num_perm: int, ngram: int, seed: int = 1):
+        from datasketch import MinHash
 
         self._minhash = MinHash
-        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self.num_perm, self.ngram, self.seed = num_perm, ngram, seed
-        self.scheme = MinHash(num_perm=num_perm, seed=seed).scheme  # for signatures rebuilt from hash values
-        self._count = 0
+        first = MinHash(num_perm=num_perm, seed=seed)
+        self._permutations, self._scheme = first.permutations, first.scheme  # shared: built once
 
-    def signature(self, text: str):
-        m = self._minhash(num_perm=self.num_perm, seed=self.seed)
+    def hashvalues(self, text: str):
+        m = self._minhash(num_perm=self.num_perm, seed=self.seed, permutations=self._permutations,
+                            scheme=self._scheme)  # fmt: skip
         m.update_batch(list(shingles(text, self.ngram)))
-        return m
-
-    def is_duplicate_else_add(self, text: str, hashvalues=None) -> bool:
-        """``hashvalues``: the signature computed elsewhere (a Slurm array task), else computed here."""
-        if hashvalues is None:
-            sig = self.signature(text)
-        else:
-            sig = self._minhash(num_perm=self.num_perm, seed=self.seed, hashvalues=hashvalues, scheme=self.scheme)
-        if self._lsh.query(sig):
-            return True
-        self._lsh.insert(str(self._count), sig)
-        self._count += 1
-        return False
+        return m.hashvalues
 
 
 class FilterPipeline:
@@ -101,12 +89,7 @@ class FilterPipeline:
         self.reasons: dict[str, int] = {}
         self.docs_out = 0
         self.bytes_out = 0
-        self._seen: set[bytes] = set()
-        self._near = (
-            NearDuplicateIndex(cfg.minhash_threshold, cfg.minhash_num_perm, cfg.minhash_ngram)
-            if cfg.dedup_near
-            else None
-        )
+        self._signer = MinHashSigner(cfg.minhash_num_perm, cfg.minhash_ngram) if cfg.dedup_near else None
 
     def _drop(self, stage: str, text: str, reason: str | None = None) -> None:
         c = self.counts[stage]
@@ -114,12 +97,6 @@ class FilterPipeline:
         c.bytes_dropped += len(text.encode("utf-8"))
         if reason:
             self.reasons[reason] = self.reasons.get(reason, 0) + 1
-
-    def _keep(self, doc: Document) -> Document | None:
-        text = self.prefilter(doc)
-        if text is None or not self.deduplicate(text):
-            return None
-        return Document(doc.source, text)
 
     def prefilter(self, doc: Document) -> str | None:
         """The per-document stages (clean, length, quality): the cleaned text, or None when dropped."""
@@ -140,23 +117,17 @@ class FilterPipeline:
             return None
         return text
 
-    def deduplicate(self, text: str, hashvalues=None) -> bool:
-        """The corpus-wide stages (exact, then near duplicates), in arrival order: True when ``text`` is kept."""
-        self.counts["exact_dedup"].docs_in += 1
-        digest = hashlib.sha256(text.encode("utf-8")).digest()
-        if self.cfg.dedup_exact and digest in self._seen:
-            self._drop("exact_dedup", text)
-            return False
-        self._seen.add(digest)
-        self.counts["near_dedup"].docs_in += 1
-        if self._near is not None and self._near.is_duplicate_else_add(text, hashvalues):
-            self._drop("near_dedup", text)
-            return False
-        return True
-
     def signature(self, text: str):
-        """The MinHash signature's hash values (None without near-dedup), for :meth:`deduplicate` elsewhere."""
-        return None if self._near is None else self._near.signature(text).hashvalues
+        """The MinHash signature's hash values (None without near-dedup), for :mod:`data_pipeline.dedup`."""
+        return None if self._signer is None else self._signer.hashvalues(text)
+
+    def count_dedup(self, docs_in: int, dropped: dict[str, list[int]]) -> None:
+        """Count the corpus-wide stages: ``docs_in`` documents reached them; ``dropped[stage]`` = [docs, bytes]."""
+        self.counts["exact_dedup"].docs_in += docs_in
+        self.counts["near_dedup"].docs_in += docs_in - dropped["exact_dedup"][0]
+        for stage, (docs, nbytes) in dropped.items():
+            self.counts[stage].docs_dropped += docs
+            self.counts[stage].bytes_dropped += nbytes
 
     def absorb(self, report: dict) -> None:
         """Add another pipeline's counts (a Slurm array task's per-document stages) to these."""
@@ -169,12 +140,26 @@ class FilterPipeline:
             self.reasons[reason] = self.reasons.get(reason, 0) + n
 
     def run(self, docs: Iterable[Document]) -> Iterator[Document]:
-        for doc in docs:
-            kept = self._keep(doc)
-            if kept is not None:
-                self.docs_out += 1
-                self.bytes_out += len(kept.text.encode("utf-8"))
-                yield kept
+        """All stages over an in-memory stream (one task): the same rule as the split pipeline's."""
+        from data_pipeline.dedup import RecordWriter, find_removals, removals_for_task
+
+        texts = [t for t in (self.prefilter(d) for d in docs) if t is not None]
+        records = RecordWriter(self.cfg, task=0, partitions=1)
+        for text in texts:
+            records.add(hashlib.sha256(text.encode("utf-8")).digest(), self.signature(text), held=False)
+        removed = removals_for_task([find_removals(records.array(), self.cfg.dedup_exact, self.cfg.dedup_near)], 0)
+        dropped = {"exact_dedup": [0, 0], "near_dedup": [0, 0]}
+        for i, text in enumerate(texts):
+            if i in removed:
+                stage = dedup_stage(removed[i])
+                if stage:
+                    dropped[stage][0] += 1
+                    dropped[stage][1] += len(text.encode("utf-8"))
+                continue
+            self.docs_out += 1
+            self.bytes_out += len(text.encode("utf-8"))
+            yield Document("", text)
+        self.count_dedup(len(texts), dropped)
 
     def report(self) -> dict:
         return {
@@ -183,3 +168,10 @@ class FilterPipeline:
             "docs_out": self.docs_out,
             "bytes_out": self.bytes_out,
         }
+
+
+def dedup_stage(reason: int) -> str | None:
+    """The report stage a removal reason of :mod:`data_pipeline.dedup` counts in (a held-out copy: none)."""
+    from data_pipeline.dedup import EXACT, NEAR
+
+    return {EXACT: "exact_dedup", NEAR: "near_dedup"}.get(reason)

@@ -112,8 +112,9 @@ def write_manifest(
             f"data.seq_length+1={cfg.data.seq_length + 1}",
             fix="give more text or lower data.seq_length",
         )
+    (work / "documents").mkdir(exist_ok=True)
     for s in SPLIT_NAMES:  # keep only the per-split lists of document digests
-        (work / "documents" / f"{s}.jsonl").unlink()
+        (work / "documents" / f"{s}.jsonl").unlink(missing_ok=True)
         info[s]["digests"].write(work / "documents" / f"{s}.sha256")
     manifest = {
         "format": FORMAT,

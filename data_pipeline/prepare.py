@@ -1,29 +1,32 @@
 """``shardforge data prepare``: raw text to verified webdataset shards, in one atomic step.
 
-Pass 1 ingests, cleans, filters, deduplicates and splits documents into per-split JSONL files in a temporary
-folder. The tokenizer is then trained on a hash-selected sample of the training split (or copied). Pass 2
-tokenizes in worker processes and packs each split into shards. The manifest is written last and the folder
-renamed into place, so an interrupted run never leaves something a later step could take as complete.
+The stages of :mod:`data_pipeline.stages` run here as tasks of one machine (map tasks in ``data.num_workers``
+processes): ingest, clean, filter and hash; deduplicate; split; train the tokenizer on a hash-selected sample of
+the training split (or copy one); then tokenize in worker processes and pack each split into shards. ``--slurm``
+runs the same stages as Slurm jobs, so both give the same documents, tokenizer and token counts. The manifest is
+written last and the folder renamed into place, so an interrupted run never leaves something a later step could
+take as complete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from core.config import DataConfig, RunConfig
 from core.errors import DataError
 from core.files import publish_dir, sha256_file
-from data_pipeline.filters import FilterPipeline
-from data_pipeline.ingest import IngestStats, iter_documents, resolve_inputs
+from data_pipeline import stages
+from data_pipeline.ingest import IngestStats, resolve_inputs
 from data_pipeline.manifest import MANIFEST, TOKENIZER_FILE, read_manifest, write_manifest
 from data_pipeline.pack import EncoderPool, SplitWriter, token_dtype
-from data_pipeline.split import SPLIT_NAMES, DigestSet, assign_split, content_digest, unit_interval
+from data_pipeline.split import SPLIT_NAMES, MergedDigests
 from data_pipeline.tokenizer import load_tokenizer, train_tokenizer
 
 
@@ -83,42 +86,6 @@ def hash_split_fractions(data: DataConfig) -> tuple[float, float, float]:
             0.0 if "validation" in own else val, 0.0 if "test" in own else test)  # fmt: skip
 
 
-def _split_documents(cfg: RunConfig, work: Path, stats: IngestStats, filt: FilterPipeline) -> dict:
-    """Pass 1: write each split's cleaned documents to ``work/documents/<split>.jsonl``.
-
-    Splits with their own inputs are read first, through the same filters (so exact and near duplicates of a
-    held-out document are dropped from training by deduplication), and their content digests are kept out of
-    training even with deduplication off."""
-    doc_dir = work / "documents"
-    doc_dir.mkdir(parents=True)
-    files = {s: open(doc_dir / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLIT_NAMES}
-    info = {s: {"documents": 0, "bytes": 0, "digests": DigestSet()} for s in SPLIT_NAMES}
-
-    def put(split: str, text: str, digest: bytes) -> None:
-        files[split].write(json.dumps({"text": text, "digest": digest.hex()}) + "\n")
-        info[split]["documents"] += 1
-        info[split]["bytes"] += len(text.encode("utf-8"))
-        info[split]["digests"].add(digest)
-
-    held: set[bytes] = set()
-    fractions = hash_split_fractions(cfg.data)
-    try:
-        for split, data in held_out_configs(cfg.data).items():
-            for doc in _progress(filt.run(iter_documents(data, IngestStats())), f"{split} inputs"):
-                digest = content_digest(doc.text)
-                held.add(digest)
-                put(split, doc.text, digest)
-        for doc in _progress(filt.run(iter_documents(cfg.data, stats)), "clean+filter+dedup"):
-            digest = content_digest(doc.text)
-            if digest not in held:
-                put(assign_split(digest, fractions), doc.text, digest)
-    finally:
-        for f in files.values():
-            f.close()
-    check_not_empty(stats, info)
-    return info
-
-
 def check_not_empty(stats: IngestStats, info: dict) -> None:
     if stats.documents == 0:
         raise DataError(
@@ -133,38 +100,30 @@ def check_not_empty(stats: IngestStats, info: dict) -> None:
         )
 
 
-def _read_split(work: Path, split: str) -> Iterator[dict]:
-    with open(work / "documents" / f"{split}.jsonl", encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
-
-
-def make_tokenizer(cfg: RunConfig, work: Path, train_bytes: int) -> Path:
+def make_tokenizer(cfg: RunConfig, work: Path, sample: Iterable[str]) -> Path:
+    """``work/tokenizer/tokenizer.model``: trained on ``sample`` (the hash-selected training text), or copied."""
     out = work / TOKENIZER_FILE
     out.parent.mkdir(parents=True)
     if cfg.tokenizer.model_file:
         load_tokenizer(cfg.tokenizer.model_file)  # fails clearly on a bad file
         shutil.copyfile(cfg.tokenizer.model_file, out)
         return out
-    rate = cfg.tokenizer.sample_mb * 1e6 / max(train_bytes, 1)
-    salt = f"tokenizer-sample-{cfg.data.seed}".encode()
-    sample = (
-        rec["text"] for rec in _read_split(work, "train") if unit_interval(bytes.fromhex(rec["digest"]), salt) < rate
-    )
     train_tokenizer(sample, cfg.tokenizer, out, seed=cfg.data.seed)
     return out
 
 
-def _pack_split(cfg: RunConfig, work: Path, split: str, tok: EncoderPool, vocab_size: int, n_docs: int) -> dict:
+def pack_split(cfg: RunConfig, out: Path, split: str, texts: Iterable[str], tok: EncoderPool, vocab_size: int,
+               name_prefix: str = "shard", total: int | None = None) -> dict:  # fmt: skip
+    """Tokenize ``texts`` and pack them into ``out/<split>/`` shards; the split's summary."""
     writer = SplitWriter(
-        work / split,
+        out / split,
         split,
         sample_tokens=cfg.data.seq_length + 1,
         dtype=token_dtype(vocab_size),
         max_shard_bytes=int(cfg.data.shard_size_mb * 1e6),
+        name_prefix=name_prefix,
     )
-    texts = (rec["text"] for rec in _read_split(work, split))
-    for ids in _progress(tok.encode(texts), f"tokenize+pack {split}", total=n_docs):
+    for ids in _progress(tok.encode(texts), f"tokenize+pack {split}", total=total):
         writer.add_document(ids)
     writer.close()
     return writer.summary()
@@ -196,14 +155,40 @@ def prepare_dataset(cfg: RunConfig, overwrite: bool = False) -> PrepareResult:
     return PrepareResult(out, manifest, reused=False)
 
 
+def _run_maps(cfg: RunConfig, tmp: Path, groups: list, fractions: tuple) -> None:
+    args = [(tmp, g, t, len(groups), fractions) for t, g in enumerate(groups)]
+    workers = min(cfg.data.num_workers, len(groups))
+    if workers <= 1:
+        for a in args:
+            stages.run_map(*a)
+        return
+    with mp.get_context("fork").Pool(workers) as pool:
+        pool.starmap(stages.run_map, args)
+
+
 def _build(cfg: RunConfig, work: Path, fingerprint: str) -> dict:
-    stats = IngestStats()
-    filt = FilterPipeline(cfg.data)
-    info = _split_documents(cfg, work, stats, filt)
-    tok_file = make_tokenizer(cfg, work, info["train"]["bytes"])
+    """The stages of :mod:`data_pipeline.stages` on this machine: map tasks in ``data.num_workers`` processes."""
+    tmp = work / ".stages"
+    tasks = 1 if cfg.data.max_documents is not None else cfg.data.num_workers
+    groups = stages.plan_groups(cfg.data, held_out_configs(cfg.data), tasks)
+    n = len(groups)
+    _run_maps(cfg, tmp, groups, hash_split_fractions(cfg.data))
+    for part in range(n):
+        stages.run_dedup(tmp, cfg.data, part, n)
+    rate = stages.sample_rate(cfg, tmp, n)
+    for t in range(n):
+        stages.run_filter(cfg, tmp, t, n, rate)
+    stats, maps, merged = stages.merge_results(tmp, n)
+    info = {s: {**merged["splits"][s], "digests": MergedDigests(stages.digest_files(tmp, s, n))} for s in SPLIT_NAMES}
+    check_not_empty(stats, info)
+    tok_file = make_tokenizer(cfg, work, stages.sample_texts(tmp, n))
     vocab = load_tokenizer(tok_file).get_piece_size()
     splits = {}
     with EncoderPool(tok_file, cfg.data.num_workers) as tok:
         for s in SPLIT_NAMES:
-            splits[s] = _pack_split(cfg, work, s, tok, vocab, info[s]["documents"])
-    return write_manifest(cfg, work, fingerprint, info, splits, asdict(stats), filt.report())
+            texts = stages.split_texts(tmp, s, list(range(n)))
+            splits[s] = pack_split(cfg, work, s, texts, tok, vocab, total=info[s]["documents"])
+    report = stages.filter_report(cfg.data, maps, merged)
+    manifest = write_manifest(cfg, work, fingerprint, info, splits, asdict(stats), report)
+    shutil.rmtree(tmp)
+    return manifest

@@ -1,46 +1,43 @@
-"""``shardforge data prepare --slurm``: the pipeline of :mod:`data_pipeline.prepare` cut into Slurm jobs.
+"""``shardforge data prepare --slurm``: the stages of :mod:`data_pipeline.stages` as Slurm jobs.
 
 ============  ===================  =============================================================================
 stage         runs as              does
 ============  ===================  =============================================================================
 ``map``       array task i of N    ingest the i-th contiguous group of input files; clean, length and quality
-                                   filters; MinHash signature of every surviving document
-``dedup``     one task             exact and near deduplication over all tasks' documents in the global input
-                                   order (the order one machine uses, so the same documents survive), split
-                                   assignment, tokenizer training on the same sample as one machine
-``pack``      array task i of N    tokenize and pack task i's surviving documents (its own byte range of the
-                                   split files, nothing before it) into its own shards
-``finalize``  one task             one manifest with counts and checksums; atomic publish into data.output_dir
+                                   filters; content digest and MinHash band records, sorted into N partitions
+``dedup``     array task k of N    exact and near duplicates in partition k of every map task's records
+``filter``    array task i of N    drop group i's duplicates, assign splits, write its documents per split, its
+                                   sorted digests and its share of the tokenizer sample
+``tokenizer`` one task             train SentencePiece on the sample, with all the task's cores
+``pack``      array task i of N    tokenize and pack group i's documents into its own shards
+``finalize``  one task             one manifest (digests merged as a stream), checksums; atomic publish into
+                                   data.output_dir
 ============  ===================  =============================================================================
 
-Signatures, the expensive part of near-deduplication, are computed in parallel; the LSH index that compares them
-is built once over the whole corpus, so deduplication is global across tasks. Each stage writes its files under
-the work folder ``.<output>.slurm-work/`` and its result file last, so a stage that died is visible as missing.
+No task holds the corpus: a map or filter task holds its group, a dedup task 1/N of the records. Each stage writes
+its files under the work folder ``.<output>.slurm-work/`` and its result file last, so a stage that died is
+visible as missing.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
 from core.config import RunConfig, load_config
-from core.errors import DataError, ShardforgeError
+from core.errors import ShardforgeError
 from core.files import publish_dir, write_json_atomic
-from data_pipeline.filters import FilterPipeline
-from data_pipeline.ingest import IngestStats, iter_documents, resolve_inputs
+from data_pipeline import stages
 from data_pipeline.manifest import TOKENIZER_FILE, write_manifest
-from data_pipeline.pack import EncoderPool, SplitWriter, token_dtype
-from data_pipeline.prepare import check_not_empty, dataset_fingerprint, make_tokenizer
-from data_pipeline.split import SPLIT_NAMES, DigestSet, assign_split, content_digest
+from data_pipeline.pack import EncoderPool
+from data_pipeline.prepare import check_not_empty, dataset_fingerprint, hash_split_fractions, make_tokenizer, pack_split
+from data_pipeline.split import SPLIT_NAMES, MergedDigests
 from data_pipeline.tokenizer import load_tokenizer
 
-STAGES = ("map", "dedup", "pack", "finalize")
+STAGES = ("map", "dedup", "filter", "tokenizer", "pack", "finalize")
 
 
 def work_dir(cfg: RunConfig) -> Path:
@@ -48,125 +45,33 @@ def work_dir(cfg: RunConfig) -> Path:
     return out.parent / f".{out.name}.slurm-work"
 
 
-def file_groups(files: list[Path], tasks: int) -> list[list[Path]]:
-    """``tasks`` contiguous slices of the sorted input files (some empty when there are fewer files)."""
-    bounds = np.linspace(0, len(files), tasks + 1).round().astype(int)
-    return [files[bounds[i] : bounds[i + 1]] for i in range(tasks)]
-
-
-def _task_file(work: Path, stage: str, task: int, suffix: str) -> Path:
-    return work / stage / f"task-{task:05d}{suffix}"
-
-
 def stage_map(cfg: RunConfig, work: Path, task: int, tasks: int) -> None:
-    files = file_groups(resolve_inputs(cfg.data), tasks)[task]
-    stats, filt = IngestStats(), FilterPipeline(cfg.data)
-    (work / "map").mkdir(parents=True, exist_ok=True)
-    sigs = []
-    with open(_task_file(work, "map", task, ".jsonl"), "w", encoding="utf-8") as f:
-        for doc in iter_documents(cfg.data, stats, files):
-            text = filt.prefilter(doc)
-            if text is not None:
-                f.write(json.dumps({"text": text}) + "\n")
-                sigs.append(filt.signature(text))
-    if cfg.data.dedup_near:
-        np.save(_task_file(work, "map", task, ".minhash.npy"), np.array(sigs))
-    result = {"files": len(files), "ingest": asdict(stats), "filter_report": filt.report()}
-    write_json_atomic(_task_file(work, "map", task, ".json"), result)
-    print(f"map task {task}: {len(files)} files, {stats.documents} documents, {len(sigs)} after filters")
+    group = stages.plan_groups(cfg.data, {}, tasks)[task]
+    stages.run_map(work, group, task, tasks, hash_split_fractions(cfg.data))
 
 
-def _result(work: Path, stage: str, task: int) -> dict:
-    path = _task_file(work, stage, task, ".json")
-    if not path.is_file():
-        raise DataError(f"{path} is missing: {stage} task {task} did not finish", fix=f"see the logs in {work}/logs")
-    return json.loads(path.read_text())
-
-
-def _merge_ingest(total: IngestStats, part: dict) -> None:
-    for key in ("files", "documents", "bytes", "skipped_invalid_utf8", "skipped_missing_field"):
-        setattr(total, key, getattr(total, key) + part[key])
-    total.skipped_files += part["skipped_files"]
-
-
-def stage_dedup(cfg: RunConfig, work: Path, tasks: int) -> None:
-    stats, filt = IngestStats(), FilterPipeline(cfg.data)
-    doc_dir = work / "dataset" / "documents"
-    doc_dir.mkdir(parents=True, exist_ok=True)
-    outs = {s: open(doc_dir / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLIT_NAMES}
-    info = {s: {"documents": 0, "bytes": 0, "digests": DigestSet()} for s in SPLIT_NAMES}
-    ranges = []
-    try:
-        for task in range(tasks):
-            part = _result(work, "map", task)
-            _merge_ingest(stats, part["ingest"])
-            filt.absorb(part["filter_report"])
-            start = {s: outs[s].tell() for s in SPLIT_NAMES}
-            _dedup_task(cfg, work, task, filt, outs, info)
-            ranges.append({s: [start[s], outs[s].tell()] for s in SPLIT_NAMES})  # byte ranges of task's documents
-    finally:
-        for f in outs.values():
-            f.close()
-    check_not_empty(stats, info)
-    make_tokenizer(cfg, work / "dataset", info["train"]["bytes"])
-    splits = {s: {"documents": info[s]["documents"], "bytes": info[s]["bytes"]} for s in SPLIT_NAMES}
-    result = {"ranges": ranges, "ingest": asdict(stats), "filter_report": filt.report(), "splits": splits}
-    write_json_atomic(work / "dedup.json", result)
-    print("dedup: " + ", ".join(f"{s} {info[s]['documents']} documents" for s in SPLIT_NAMES))
-
-
-def _dedup_task(cfg: RunConfig, work: Path, task: int, filt: FilterPipeline, outs: dict, info: dict) -> None:
-    sigs = np.load(_task_file(work, "map", task, ".minhash.npy")) if cfg.data.dedup_near else None
-    with open(_task_file(work, "map", task, ".jsonl"), encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            text = json.loads(line)["text"]
-            if not filt.deduplicate(text, None if sigs is None else sigs[i]):
-                continue
-            filt.docs_out += 1
-            filt.bytes_out += len(text.encode("utf-8"))
-            digest = content_digest(text)
-            split = assign_split(digest, cfg.data.split)
-            outs[split].write(json.dumps({"text": text, "digest": digest.hex()}) + "\n")
-            info[split]["documents"] += 1
-            info[split]["bytes"] += len(text.encode("utf-8"))
-            info[split]["digests"].add(digest)
-
-
-def _lines(path: Path, start: int, end: int):
-    """The documents written between byte offsets ``start`` and ``end``: a pack task reads only its own."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        while f.tell() < end:
-            yield json.loads(f.readline())["text"]
+def stage_tokenizer(cfg: RunConfig, work: Path, tasks: int) -> None:
+    stats, _, merged = stages.merge_results(work, tasks)
+    check_not_empty(stats, merged["splits"])
+    make_tokenizer(cfg, work / "dataset", stages.sample_texts(work, tasks))
+    print(f"tokenizer: trained on the sample of {tasks} tasks", flush=True)
 
 
 def stage_pack(cfg: RunConfig, work: Path, task: int) -> None:
-    dedup = json.loads((work / "dedup.json").read_text())
     tok_file = work / "dataset" / TOKENIZER_FILE
     vocab = load_tokenizer(tok_file).get_piece_size()
     summaries = {}
     with EncoderPool(tok_file, cfg.data.num_workers) as tok:
         for s in SPLIT_NAMES:
-            start, end = dedup["ranges"][task][s]
-            writer = SplitWriter(
-                work / "dataset" / s,
-                s,
-                sample_tokens=cfg.data.seq_length + 1,
-                dtype=token_dtype(vocab),
-                max_shard_bytes=int(cfg.data.shard_size_mb * 1e6),
-                name_prefix=f"t{task:05d}",
-            )
-            for ids in tok.encode(_lines(work / "dataset" / "documents" / f"{s}.jsonl", start, end)):
-                writer.add_document(ids)
-            writer.close()
-            summaries[s] = writer.summary()
+            texts = stages.split_texts(work, s, [task])
+            summaries[s] = pack_split(cfg, work / "dataset", s, texts, tok, vocab, name_prefix=f"t{task:05d}")
     (work / "pack").mkdir(exist_ok=True)
-    write_json_atomic(_task_file(work, "pack", task, ".json"), summaries)
+    write_json_atomic(stages.task_file(work, "pack", task, ".json"), summaries)
     print(f"pack task {task}: " + ", ".join(f"{s} {summaries[s]['samples']} samples" for s in SPLIT_NAMES))
 
 
 def _merged_splits(work: Path, tasks: int) -> dict:
-    parts = [_result(work, "pack", t) for t in range(tasks)]
+    parts = [stages.result(work, "pack", t) for t in range(tasks)]
     splits = {}
     for s in SPLIT_NAMES:
         keys = ("documents", "samples", "tokens", "dropped_tail_tokens", "document_tokens")
@@ -176,23 +81,17 @@ def _merged_splits(work: Path, tasks: int) -> dict:
 
 
 def stage_finalize(cfg: RunConfig, work: Path, tasks: int) -> None:
-    dedup = json.loads((work / "dedup.json").read_text())
+    stats, maps, merged = stages.merge_results(work, tasks)
+    info = {s: {**merged["splits"][s], "digests": MergedDigests(stages.digest_files(work, s, tasks))}
+            for s in SPLIT_NAMES}  # fmt: skip
+    report = stages.filter_report(cfg.data, maps, merged)
     dataset = work / "dataset"
-    info = {}
-    for s in SPLIT_NAMES:
-        digests = DigestSet()
-        with open(dataset / "documents" / f"{s}.jsonl", encoding="utf-8") as f:
-            for line in f:
-                digests.add(bytes.fromhex(json.loads(line)["digest"]))
-        info[s] = {"digests": digests, "bytes": dedup["splits"][s]["bytes"]}
-    splits = _merged_splits(work, tasks)
-    fingerprint = dataset_fingerprint(cfg)
-    manifest = write_manifest(cfg, dataset, fingerprint, info, splits, dedup["ingest"], dedup["filter_report"])
+    manifest = write_manifest(cfg, dataset, dataset_fingerprint(cfg), info, _merged_splits(work, tasks),
+                              asdict(stats), report)  # fmt: skip
     manifest_note = f"{sum(len(v['shards']) for v in manifest['splits'].values())} shards"
     publish_dir(dataset, Path(cfg.data.output_dir).absolute())
-    for stage in ("map", "pack"):
+    for stage in ("map", "dedup", "docs", "pack"):
         shutil.rmtree(work / stage, ignore_errors=True)
-    (work / "dedup.json").unlink(missing_ok=True)
     print(f"finalize: published {cfg.data.output_dir} ({manifest_note}); logs stay in {work}/logs")
 
 
@@ -205,15 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int, required=True)
     args = ap.parse_args(argv)
     try:
-        cfg, work = load_config(args.config), Path(args.work)
+        cfg, work, task, tasks = load_config(args.config), Path(args.work), args.task, args.tasks
         if args.stage == "map":
-            stage_map(cfg, work, args.task, args.tasks)
+            stage_map(cfg, work, task, tasks)
         elif args.stage == "dedup":
-            stage_dedup(cfg, work, args.tasks)
+            stages.run_dedup(work, cfg.data, task, tasks)
+        elif args.stage == "filter":
+            stages.run_filter(cfg, work, task, tasks, stages.sample_rate(cfg, work, tasks))
+        elif args.stage == "tokenizer":
+            stage_tokenizer(cfg, work, tasks)
         elif args.stage == "pack":
-            stage_pack(cfg, work, args.task)
+            stage_pack(cfg, work, task)
         else:
-            stage_finalize(cfg, work, args.tasks)
+            stage_finalize(cfg, work, tasks)
     except ShardforgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -7,6 +7,7 @@ same text lands in the same split on every machine and in every Slurm array task
 from __future__ import annotations
 
 import hashlib
+import heapq
 
 SPLIT_NAMES = ("train", "validation", "test")
 
@@ -49,5 +50,31 @@ class DigestSet:
     def hexdigest(self) -> str:
         h = hashlib.sha256()
         for d in sorted(self._members):
+            h.update(d)
+        return h.hexdigest()
+
+
+class MergedDigests:
+    """The same interface over files of sorted raw 32-byte digests (one per task), merged as a stream: the
+    manifest of a corpus of any size never holds its digest list in memory."""
+
+    def __init__(self, paths) -> None:
+        self.paths = list(paths)
+
+    def _sorted(self):
+        def read(path):
+            with open(path, "rb") as f:
+                while chunk := f.read(32 * 65536):
+                    yield from (chunk[i : i + 32] for i in range(0, len(chunk), 32))
+
+        return heapq.merge(*(read(p) for p in self.paths))
+
+    def write(self, path) -> None:
+        with open(path, "w", encoding="ascii") as f:
+            f.writelines(d.hex() + "\n" for d in self._sorted())
+
+    def hexdigest(self) -> str:
+        h = hashlib.sha256()
+        for d in self._sorted():
             h.update(d)
         return h.hexdigest()

@@ -7,6 +7,7 @@ source code needs. Special ids are fixed: ``<unk>``=0, ``<s>``=1, ``</s>``=2, ``
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_file: Path, 
             bos_id=BOS_ID,
             eos_id=EOS_ID,
             pad_id=PAD_ID,
-            num_threads=2,
+            num_threads=len(os.sched_getaffinity(0)),  # all the cores this task has
             minloglevel=2,
         )
     except RuntimeError as e:

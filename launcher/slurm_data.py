@@ -1,8 +1,8 @@
-"""``shardforge data prepare --slurm``: submit the four stages of :mod:`data_pipeline.slurm_stages` as Slurm jobs.
+"""``shardforge data prepare --slurm``: submit the six stages of :mod:`data_pipeline.slurm_stages` as Slurm jobs.
 
-``map`` and ``pack`` are job arrays of ``slurm.array_tasks`` tasks (one group of input files each); ``dedup`` and
-``finalize`` are single tasks. Each stage depends on the previous one with ``afterok``, so a failed stage stops
-the chain and nothing is published.
+``map``, ``dedup``, ``filter`` and ``pack`` are job arrays of ``slurm.array_tasks`` tasks (a group of input files
+or a partition of the dedup records each); ``tokenizer`` and ``finalize`` are single tasks. Each stage
+depends on the previous one with ``afterok``, so a failed stage stops the chain and nothing is published.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from core.config import RunConfig
 from core.errors import ShardforgeError
 from launcher.slurm import check_slurm_config, directive_path, fill_template, optional_directives, quote, sbatch
 
-STAGES = (("map", True), ("dedup", False), ("pack", True), ("finalize", False))
+STAGES = (("map", True), ("dedup", True), ("filter", True), ("tokenizer", False), ("pack", True), ("finalize", False))
 
 
 def render_stage(cfg: RunConfig, work: Path, stage: str, array: bool, python: str) -> str:

@@ -50,7 +50,7 @@ def test_slurm_prepare_matches_the_local_one(slurm_cluster, tmp_path):
     slurm = subprocess.run([*base, f"data.output_dir={tmp_path}/slurm", "--slurm", "--wait"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert slurm.returncode == 0, slurm.stdout + slurm.stderr
-    assert slurm.stdout.count("submitted") == 4
+    assert slurm.stdout.count("submitted") == 6
     a = json.loads((tmp_path / "local" / "manifest.json").read_text())
     b = json.loads((tmp_path / "slurm" / "manifest.json").read_text())
     stages = a["filter_report"]["stages"]
