@@ -20,7 +20,7 @@ $(STAMP): constraints.txt setup.py
 	@$(PY) -m pip install -q --upgrade pip $(QUIET_PIP)
 	@$(PY) -m pip install -q -c constraints.txt torch $(QUIET_PIP)
 	@$(PY) -m pip install -q -c constraints.txt megatron-core psutil webdataset sentencepiece tensorboard \
-		pydantic PyYAML tqdm datasketch zstandard numpy safetensors pytest pytest-timeout hjson ninja msgpack \
+		pydantic PyYAML tqdm datasketch zstandard numpy safetensors pytest pytest-timeout hjson ninja msgpack xxhash pyarrow \
 		einops py-cpuinfo transformers lm-eval ruff $(QUIET_PIP)
 	@$(PY) -m pip install -q --no-build-isolation -c constraints.txt deepspeed $(QUIET_PIP)
 	@PYTHONWARNINGS=ignore $(PY) -m pip install -q --no-build-isolation --no-deps -e . $(QUIET_PIP)

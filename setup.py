@@ -22,6 +22,8 @@ setup(
         "tqdm>=4.60,<5",
         "psutil>=5.9",
         "datasketch>=1.6,<3",
+        "xxhash>=3",
+        "pyarrow>=14",
         "zstandard>=0.22",
         "numpy>=1.26",
         "safetensors>=0.4",

@@ -123,8 +123,9 @@ class TokenizerConfig(Section):
     """Reuse this existing SentencePiece .model instead of training one."""
     byte_fallback: bool = True
     """Encode unknown characters as bytes instead of <unk>."""
-    sample_mb: float = Field(4.0, gt=0)
-    """Megabytes of training-split text used to train the tokenizer."""
+    sample_mb: float = Field(1000.0, gt=0)
+    """Megabytes of training-split text used to train the tokenizer (a hash-selected sample; all of it when the
+    split is smaller). SentencePiece holds the sample in memory: about 1 GB of text needs several GB of RAM."""
     character_coverage: float = Field(0.9995, gt=0, le=1)
     """Share of characters covered by the vocabulary."""
     user_defined_symbols: list[str] = Field(default_factory=list)
