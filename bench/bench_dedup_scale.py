@@ -78,22 +78,32 @@ def write_config(path: Path, corpus: Path, out: Path, tasks: int, workers: int =
     return path
 
 
+_RUNNER = """
+import json, os, subprocess, sys
+cmds, parallel = json.loads(sys.argv[1]), int(sys.argv[2])
+pending, running, rss = list(enumerate(cmds)), {}, [0] * len(cmds)
+while pending or running:
+    while pending and len(running) < parallel:
+        i, cmd = pending.pop(0)
+        running[subprocess.Popen(cmd, stdout=subprocess.DEVNULL).pid] = i
+    pid, status, usage = os.wait4(-1, 0)
+    if pid in running:
+        i = running.pop(pid)
+        if os.waitstatus_to_exitcode(status) != 0:
+            sys.exit(f"{cmds[i]} failed")
+        rss[i] = usage.ru_maxrss
+print(json.dumps(rss))
+"""
+
+
 def run_tasks(cmds: list[list[str]], parallel: int = 2) -> list[int]:
-    """Run commands ``parallel`` at a time; the peak RSS (KB) of each, from wait4."""
-    pending, running, rss = list(enumerate(cmds)), {}, [0] * len(cmds)
-    while pending or running:
-        while pending and len(running) < parallel:
-            i, cmd = pending.pop(0)
-            p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
-            running[p.pid] = (i, p)
-        pid, status, usage = os.wait4(-1, 0)
-        if pid in running:
-            i, p = running.pop(pid)
-            p.returncode = os.waitstatus_to_exitcode(status)
-            if p.returncode != 0:
-                raise SystemExit(f"{cmds[i]} failed with {p.returncode}")
-            rss[i] = usage.ru_maxrss
-    return rss
+    """Run commands ``parallel`` at a time; the peak RSS (KB) of each, from wait4. They are started by a small
+    runner process: a child's peak RSS counts the memory of the process that forked it."""
+    r = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(cmds), str(parallel)], cwd=REPO,
+                       capture_output=True, text=True)  # fmt: skip
+    if r.returncode != 0:
+        raise SystemExit(r.stderr)
+    return json.loads(r.stdout)
 
 
 def sweep(tmp: Path, corpus: Path, tasks: int) -> dict:
@@ -116,11 +126,12 @@ def sweep(tmp: Path, corpus: Path, tasks: int) -> dict:
     return out, kept
 
 
-def datasketch_kept(corpus: Path) -> set[str]:
+def datasketch_kept(corpus: Path) -> tuple[set[str], float]:
     """Today's rule before this change: exact by digest, then streaming MinHashLSH (query, insert if new), in the
     global input order, one process, on the same signatures (computed in 2 processes)."""
     import multiprocessing as mp
 
+    import numpy as np
     from datasketch import MinHash, MinHashLSH
 
     from core.config import DataConfig
@@ -133,7 +144,11 @@ def datasketch_kept(corpus: Path) -> set[str]:
     cfg = DataConfig()
     with mp.get_context("fork").Pool(2, initializer=_init_signer, initargs=(cfg,)) as pool:
         sigs = pool.map(_signature, texts, chunksize=256)
+    import psutil
+
     scheme = MinHash(num_perm=cfg.minhash_num_perm, seed=1).scheme
+    sigs = [np.asarray(h, dtype=np.uint64) for h in sigs]
+    before = psutil.Process().memory_info().rss
     lsh, seen, kept = MinHashLSH(threshold=cfg.minhash_threshold, num_perm=cfg.minhash_num_perm), set(), set()
     for i, (text, hv) in enumerate(zip(texts, sigs)):
         d = content_digest(text).hex()
@@ -145,7 +160,8 @@ def datasketch_kept(corpus: Path) -> set[str]:
             continue
         lsh.insert(str(i), m)
         kept.add(d)
-    return kept
+    index_mb = (psutil.Process().memory_info().rss - before) / 2**20  # what the one dedup task held beyond base
+    return kept, round(index_mb, 1)
 
 
 _SIGNER = None
@@ -182,6 +198,8 @@ def whole_prepare(tmp: Path, corpus: Path, workers: int) -> dict:
 
 
 def main() -> None:
+    import multiprocessing as mp
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=int, default=1024)
     ap.add_argument("--files", type=int, default=32)
@@ -190,7 +208,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as t:
         tmp = Path(t)
         t0 = time.perf_counter()
-        truth = make_corpus(tmp / "corpus", args.mb, args.files)
+        with mp.get_context("fork").Pool(1) as pool:  # generated in a child: this process stays small
+            truth = pool.apply(make_corpus, (tmp / "corpus", args.mb, args.files))
         print(f"corpus: {truth['documents']} documents, {truth['bytes'] / 1e6:.0f} MB in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
         runs, kept_sets = [], []
@@ -199,7 +218,7 @@ def main() -> None:
             runs.append(res)
             kept_sets.append(kept)
             print(json.dumps(res), flush=True)
-        baseline = datasketch_kept(tmp / "corpus")
+        baseline, index_mb = datasketch_kept(tmp / "corpus")
         small = tmp / "small"
         small.mkdir()
         n_small = max(1, round(args.files * args.whole_mb / args.mb))
@@ -214,6 +233,7 @@ def main() -> None:
         "same_documents_kept_at_every_task_count": all(k == kept_sets[0] for k in kept_sets),
         "near_recall": {"split_dedup": recall(pairs, kept_sets[0]),
                         "datasketch_streaming_lsh": recall(pairs, baseline)},
+        "before_one_dedup_task_index_mb": index_mb,
         "documents_kept": {"split_dedup": len(kept_sets[0]), "datasketch_streaming_lsh": len(baseline)},
         "whole_prepare": whole,
         "whole_prepare_speedup_2_workers": round(whole[1]["docs_per_s"] / whole[0]["docs_per_s"], 2),

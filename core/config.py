@@ -239,6 +239,19 @@ class LoggingConfig(Section):
     log_interval: int = Field(10, ge=1)
 
 
+class WatchdogConfig(Section):
+    """Hang detection: each rank runs under a supervisor process that expects a heartbeat at every step."""
+
+    enabled: bool = True
+    step_timeout_s: float = Field(300.0, gt=0)
+    """No step finished within this: a hang (keep it below the collective timeouts: 10 min on torch's default
+    group, 30 min on megatron's)."""
+    phase_timeout_s: float = Field(900.0, gt=0)
+    """The same for start-up (imports, init, resume), validation and checkpoint saves."""
+    poll_s: float = Field(1.0, gt=0)
+    """How often the supervisor looks at the heartbeat."""
+
+
 class SlurmConfig(Section):
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(0, ge=0)
@@ -312,6 +325,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     maintain: MaintainConfig = Field(default_factory=MaintainConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)

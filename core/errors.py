@@ -13,6 +13,7 @@ EXIT_USAGE = 2  # bad config, bad command line, bad input data
 EXIT_INTEGRITY = 3  # a corrupt or mismatched shard, tokenizer or checkpoint
 EXIT_GATE = 4  # the regression gate refused to promote a new model
 EXIT_REQUEUE = 75  # (EX_TEMPFAIL) checkpointed after a signal: please requeue
+EXIT_HANG = 76  # no heartbeat within the watchdog's timeout: stacks dumped, the rank killed
 
 
 class ShardforgeError(Exception):

@@ -35,6 +35,8 @@ class SlurmJob:
     python: str = sys.executable
     requeue: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
+    checkpoint_dir: Path | None = None
+    """Where ``latest`` is: a crash is requeued only when it is newer than the start."""
 
     @property
     def tasks_per_node(self) -> int:
@@ -126,7 +128,7 @@ def render(job: SlurmJob) -> str:
     """The batch script for ``job``."""
     s = job.cfg
     optional = [f"#SBATCH --{k}={quote(v)}" for k, v in optional_directives(s)]
-    srun = [f"--cpu-bind={quote(s.cpu_bind)}"]
+    srun = ["--label", f"--cpu-bind={quote(s.cpu_bind)}"]  # --label: each line starts with its task's rank
     if s.container_image:
         srun.append(f"--container-image={quote(s.container_image)}")
         if s.container_mounts:
@@ -147,6 +149,7 @@ def render(job: SlurmJob) -> str:
         "LOG": quote(directive_path(_log_path(job.run_dir))),
         "OPTIONAL_DIRECTIVES": "".join(line + "\n" for line in optional),
         "RUN_DIR": quote(job.run_dir),
+        "CKPT_DIR": quote(job.checkpoint_dir or job.run_dir / "checkpoints"),
         "CONFIG": quote(job.config_file),
         "PYTHON": quote(job.python),
         "MAX_RESTARTS": str(s.max_restarts),
@@ -186,8 +189,10 @@ def prepare_job(cfg: RunConfig, requeue: bool = True) -> SlurmJob:
     run_dir = Path(cfg.run_dir).absolute()
     check_text("run_dir", str(run_dir))
     frozen = run_dir / "slurm" / "config.yaml"
-    job = SlurmJob(cfg.slurm, run_dir, frozen, Path.cwd(), world, requeue=requeue)
+    job = SlurmJob(cfg.slurm, run_dir, frozen, Path.cwd(), world, requeue=requeue,
+                   checkpoint_dir=Path(cfg.checkpoint.dir).absolute())  # fmt: skip
     check_text("python", job.python)
+    check_text("checkpoint.dir", str(job.checkpoint_dir))
     return job
 
 

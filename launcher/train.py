@@ -118,9 +118,10 @@ def _result(trainer, val, ckpt, resumed_from, layout, manager) -> dict:
 
 
 def build_and_train(cfg: RunConfig) -> dict:
+    from core import heartbeat
     from parallelism.engine import build_engine
     from parallelism.layout import init_distributed, seed_all, shutdown
-    from training.callbacks import Checkpointing, ConsoleLog, TensorBoardLogger, Throughput, Validation
+    from training.callbacks import Checkpointing, ConsoleLog, Heartbeat, TensorBoardLogger, Throughput, Validation
     from training.checkpoint.manager import CheckpointManager
     from training.hf.init_from import initial_weights
     from training.model.flops import device_peak_flops, training_flops_per_token
@@ -167,7 +168,7 @@ def build_and_train(cfg: RunConfig) -> dict:
         ckpt = Checkpointing(
             manager, engine, stateful, cfg.checkpoint.interval, t.exit_interval, PREEMPTION, device=layout.device
         )
-        trainer.callbacks.append(ckpt)
+        trainer.callbacks = [Heartbeat(heartbeat.PHASE), *trainer.callbacks, ckpt, Heartbeat(heartbeat.STEP)]
         if layout.rank == 0:
             n = sum(p.numel() for p in engine.module.parameters())
             print(f"training {cfg.model.arch} on {layout.describe()}; {n:,} parameters on rank 0", flush=True)
@@ -192,7 +193,20 @@ def _all_ranks_done() -> None:
         dist.barrier()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _train(cfg: RunConfig) -> int:
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        result = build_and_train(cfg)
+    except ShardforgeError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    return EXIT_REQUEUE if result["requeue"] else 0
+
+
+def main(argv: list[str] | None = None, supervised: bool = False) -> int:
+    """Train; with ``supervised`` (a rank started as ``python -m launcher.train``) under the hang watchdog."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="launcher.train")
@@ -200,11 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     try:
-        result = build_and_train(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
     except ShardforgeError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
-    return EXIT_REQUEUE if result["requeue"] else 0
+    if not (supervised and cfg.watchdog.enabled):
+        return _train(cfg)
+    from launcher.supervise import supervise
+
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    return supervise(cfg, rank, lambda: _train(cfg))
 
 
 if __name__ == "__main__":
@@ -212,7 +231,4 @@ if __name__ == "__main__":
     from launcher.quiet import quiet_third_party
 
     quiet_third_party()
-    import torch
-
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    sys.exit(main())
+    sys.exit(main(supervised=True))

@@ -12,6 +12,7 @@ import time
 import psutil
 import torch
 
+from core import heartbeat
 from training.trainer import Callback, StepMetrics, Trainer
 
 
@@ -205,3 +206,22 @@ class Checkpointing(Callback):
 
     def on_train_end(self, trainer: Trainer) -> None:
         self.manager.wait()  # an asynchronous save must be on disk before the run ends
+
+
+class Heartbeat(Callback):
+    """Tells the rank's supervisor (:mod:`launcher.supervise`) that a step ended. Put one first among the
+    callbacks (``phase=PHASE``: validation and checkpoints that follow get the longer timeout) and one last
+    (``phase=STEP``: the next step gets the step timeout)."""
+
+    def __init__(self, phase: int):
+        self.phase = phase
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if self.phase == heartbeat.STEP:
+            heartbeat.beat(heartbeat.STEP, trainer.state.step)
+
+    def on_step_end(self, trainer: Trainer, m: StepMetrics) -> None:
+        heartbeat.beat(self.phase, m.step)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        heartbeat.beat(heartbeat.PHASE, trainer.state.step)  # the end: results, barrier, shutdown

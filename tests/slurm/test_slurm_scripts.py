@@ -59,7 +59,11 @@ def test_64_gpu_script_line_by_line(tmp_path):
         "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))   # from the job id: jobs sharing a host never collide"
         in lines
     )
-    assert '  srun --kill-on-bad-exit=0 --wait=60 --cpu-bind=cores "$PYTHON" -m launcher.train -c "$CONFIG" &' in lines
+    assert (
+        '  srun --kill-on-bad-exit=0 --wait=60 --label --cpu-bind=cores "$PYTHON" -m launcher.train -c "$CONFIG" \\'
+        in lines
+    )
+    assert f"CKPT_DIR={run}/checkpoints" in lines
     assert '  scontrol requeue "$SLURM_JOB_ID" || {' in text
     subprocess.run(["bash", "-n"], input=text, text=True, check=True)
     # the job runs the frozen config (written at submit): the same layout

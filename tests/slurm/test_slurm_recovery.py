@@ -1,0 +1,96 @@
+"""Recovery on the real Slurm: a crashed rank and a hung rank each cost one requeue onto another node."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from conftest import REPO, assert_same_model_state, layout_args, train_command
+from slurm_helpers import rank_processes, scontrol_job, wait_for
+from test_slurm_jobs import diagnosis, env, release, submit
+
+from launcher.slurm import last_step
+
+STEPS = 120
+STEP_TIMEOUT = 8
+RUN = [f"train.max_steps={STEPS}", f"train.eval_interval={STEPS}", "checkpoint.interval=20", "logging.log_interval=5",
+       *layout_args(dp=2, zero=1), f"watchdog.step_timeout_s={STEP_TIMEOUT}", "watchdog.poll_s=0.5"]  # fmt: skip
+ONE_NODE = ("--nodes", "1", "--time", "10")  # 2 ranks on one of the 2 nodes: the other one is spare
+
+
+def history(run) -> list[tuple[str, str]]:
+    """(restart, event) rows of RUN_DIR/slurm/history.tsv, events whole."""
+    path = run / "slurm" / "history.tsv"
+    rows = [line.split("\t") for line in path.read_text().splitlines()] if path.exists() else []
+    return [(r[2], r[3]) for r in rows]
+
+
+def pending_after(run, job: str, restarts: int) -> dict | None:
+    """The job's record once it is pending again and the script has written what it did (after the exclusion)."""
+    info = scontrol_job(job)
+    ok = info.get("JobState") == "PENDING" and info.get("Restarts") == str(restarts)
+    return info if ok and history(run)[-1][1].startswith(("crashed", "hang")) else None
+
+
+def test_a_crash_and_a_hang_are_requeued_on_the_other_node_and_finish_bitwise_equal(slurm_cluster, prepared,
+                                                                                    tmp_path):  # fmt: skip
+    """SIGKILL of rank 1 after the step-20 checkpoint: a crash, requeued with its node excluded. In the second start
+    SIGSTOP of rank 0: no heartbeat for STEP_TIMEOUT s, every rank's stack in RUN_DIR/hang, exit 76, requeued with
+    that node excluded. The third start finishes with weights equal to an uninterrupted run's."""
+    reference = tmp_path / "reference"
+    ref = subprocess.Popen(train_command(reference, prepared, *RUN), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    run = tmp_path / "recover"
+    [job] = submit(run, prepared, *RUN, flags=ONE_NODE)
+    config = run / "slurm" / "config.yaml"
+    why = lambda: diagnosis(run, job)  # noqa: E731
+
+    wait_for(lambda: (last_step(run) or (0,))[0] >= 25, "step 25", timeout=180, explain=why)
+    first_node = scontrol_job(job)["NodeList"]
+    os.kill(rank_processes(config)[1], signal.SIGKILL)
+    info = wait_for(lambda: pending_after(run, job, 1), "the requeue after the crash", timeout=120, explain=why)
+    assert info["ExcNodeList"] == first_node
+    assert history(run)[-1][1].startswith(f"crashed: exit 137 on {first_node}; requeued from step_")
+
+    release(job, minutes=10)
+    wait_for(lambda: (last_step(run) or (0,))[0] >= 45 and len(rank_processes(config)) == 2, "step 45 after resume",
+             timeout=180, explain=why)  # fmt: skip
+    second_node = scontrol_job(job)["NodeList"]
+    assert second_node != first_node
+    stopped = time.time()
+    os.kill(rank_processes(config)[0], signal.SIGSTOP)
+    info = wait_for(lambda: pending_after(run, job, 2), "the requeue after the hang", timeout=120, explain=why)
+    assert info["ExcNodeList"] == second_node
+    assert history(run)[-1][1].startswith(f"hang: exit 76 on {second_node}; requeued from step_")
+    reports = {r: json.loads((run / "hang" / f"job{job}-r1-rank-{r:05d}.json").read_text()) for r in (0, 1)}
+    assert reports[0]["process_state"] == "T" and reports[1]["process_state"] == "S"  # stopped, and waiting on it
+    for r, rep in reports.items():
+        assert STEP_TIMEOUT <= rep["seconds_since_heartbeat"] <= STEP_TIMEOUT + 5 and rep["phase"] == "step"
+        assert stopped < rep["time"] <= stopped + STEP_TIMEOUT + 10
+        stacks = (run / "hang" / f"job{job}-r1-rank-{r:05d}.stacks.txt").read_text()
+        assert 'File "' in stacks and "train_step" in stacks  # where each rank was: inside a step
+
+    release(job, minutes=10)
+    wait_for(lambda: (run / "slurm" / "DONE").exists(), "the third start to finish", timeout=300, explain=why)
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
+    assert [h[0] for h in history(run)] == ["0", "0", "1", "1", "2", "2"]
+    assert history(run)[-1] == ("2", "finished") and history(run)[0][1].startswith("started on")
+    result = json.loads((run / "train_result.json").read_text())
+    assert result["steps"] == STEPS and result["start_step"] >= 40
+    assert_same_model_state(run, reference)
+    log = "".join(p.read_text() for p in (run / "slurm").glob("train-*.out"))
+    assert "0: step" in log and "1: " in log  # srun --label: every rank's lines carry its rank
+
+
+def test_a_crash_before_any_checkpoint_is_not_requeued(slurm_cluster, prepared, tmp_path):
+    run = tmp_path / "early"
+    [job] = submit(run, prepared, *RUN, "checkpoint.interval=1000", flags=ONE_NODE)
+    config = run / "slurm" / "config.yaml"
+    wait_for(lambda: (last_step(run) or (0,))[0] >= 5, "step 5", timeout=180, explain=lambda: diagnosis(run, job))
+    os.kill(rank_processes(config)[1], signal.SIGKILL)
+    wait_for(lambda: scontrol_job(job).get("JobState") == "FAILED", "state FAILED", timeout=120)
+    assert scontrol_job(job)["Restarts"] == "0"
+    assert history(run)[-1][1].endswith("not requeued: no checkpoint since this start")
