@@ -85,11 +85,13 @@ pending, running, rss = list(enumerate(cmds)), {}, [0] * len(cmds)
 while pending or running:
     while pending and len(running) < parallel:
         i, cmd = pending.pop(0)
-        running[subprocess.Popen(cmd, stdout=subprocess.DEVNULL).pid] = i
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        running[p.pid] = (i, p)  # kept: a collected Popen object's child would be reaped by subprocess, not here
     pid, status, usage = os.wait4(-1, 0)
     if pid in running:
-        i = running.pop(pid)
-        if os.waitstatus_to_exitcode(status) != 0:
+        i, p = running.pop(pid)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode != 0:
             sys.exit(f"{cmds[i]} failed")
         rss[i] = usage.ru_maxrss
 print(json.dumps(rss))

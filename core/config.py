@@ -237,6 +237,10 @@ class CheckpointConfig(Section):
 class LoggingConfig(Section):
     tensorboard_dir: str = "${run_dir}/tensorboard"
     log_interval: int = Field(10, ge=1)
+    straggler_share: float = Field(0.2, gt=0)
+    """Warn when a rank's busy time a step exceeds the other ranks' median by more than this share..."""
+    straggler_intervals: int = Field(3, ge=1)
+    """...for this many log intervals in a row."""
 
 
 class WatchdogConfig(Section):

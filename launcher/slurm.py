@@ -298,9 +298,25 @@ def status(run_dir: str | Path) -> str:
         lines.append(f"{i:>8}  {state:<12}{restarts:>9}  {last}")
     step = last_step(run_dir)
     lines.append(f"last step {step[0]}/{step[1]}, loss {step[2]:.4f}" if step else "no training step logged yet")
+    lines += goodput_lines(run_dir)
     if (run_dir / "slurm" / "DONE").exists():
         lines.append("training finished")
     return "\n".join(lines)
+
+
+def goodput_lines(run_dir: Path) -> list[str]:
+    """Where the run's time went, over all its starts (RUN_DIR/goodput.json, written by the training ranks)."""
+    import json
+
+    path = run_dir / "goodput.json"
+    if not path.is_file():
+        return []
+    good = json.loads(path.read_text())
+    t = good["totals"]
+    parts = ", ".join(f"{k} {t[k + '_s'] / 60:.1f}" for k in ("steps", "startup", "checkpoint", "validation",
+                                                               "data_wait", "lost", "other"))  # fmt: skip
+    return [f"goodput {100 * t['goodput']:.1f}% of {t['wall_s'] / 60:.1f} min over {len(good['starts'])} starts "
+            f"(minutes: {parts})"]  # fmt: skip
 
 
 def _final_state(events: list[list[str]]) -> str:

@@ -8,9 +8,11 @@ On a missed heartbeat the supervisor writes ``RUN_DIR/hang/<start>-rank-R.json``
 seconds since the last beat, and the rank's process state: ``T`` stopped, ``D`` in uninterruptible I/O, ``R``
 running, ``S`` waiting, as a rank blocked in a collective behind another one is), sends the rank SIGCONT and
 SIGUSR2 (Python's faulthandler prints every thread's stack into ``<start>-rank-R.stacks.txt``, even from a
-stopped process or one stuck in C code), kills it, and exits with :data:`core.errors.EXIT_HANG`. Every rank
-blocked behind the hung one misses its heartbeats too, so every rank leaves its stack. On GPUs the NCCL flight
-recorder is enabled as well (``TORCH_NCCL_TRACE_BUFFER_SIZE``), dumping into the same folder on a NCCL timeout.
+stopped process or one stuck in C code), stops it again, waits until every rank has reported (a rank blocked
+behind the hung one misses its heartbeats too; at most one more timeout), kills it, and exits with
+:data:`core.errors.EXIT_HANG`. So every rank leaves its stack, and none runs on to fail with a reset connection.
+On GPUs the NCCL flight recorder is enabled as well (``TORCH_FR_BUFFER_SIZE``), dumping into the same
+folder on a NCCL timeout.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def supervise(cfg: RunConfig, rank: int, main: Callable[[], int]) -> int:
     hang_dir.mkdir(parents=True, exist_ok=True)
     stacks = hang_dir / f".{tag}-rank-{rank:05d}.stacks"
     hb = heartbeat.create()
-    os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")  # NCCL's flight recorder (no effect on gloo)
+    os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")  # the flight recorder of NCCL collectives (not gloo)
     os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
     os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", str(hang_dir / f"{tag}-nccl-trace-rank-"))
     pid = os.fork()
@@ -92,7 +94,7 @@ def supervise(cfg: RunConfig, rank: int, main: Callable[[], int]) -> int:
             age, step, phase = hb.read()
             limit = w.step_timeout_s if phase == heartbeat.STEP else w.phase_timeout_s
             if phase != heartbeat.DONE and age > limit:
-                return _on_hang(pid, rank, hang_dir, tag, stacks, age, step, phase, limit)
+                return _on_hang(pid, rank, hang_dir, tag, stacks, age, step, phase, limit, w.poll_s)
             time.sleep(w.poll_s)
     finally:
         stacks.unlink(missing_ok=True)
@@ -106,19 +108,24 @@ def _send(pid: int, signum: int) -> None:
 
 
 def _on_hang(pid: int, rank: int, hang_dir: Path, tag: str, stacks: Path, age: float, step: int, phase: int,
-             limit: float) -> int:  # fmt: skip
+             limit: float, poll_s: float) -> int:  # fmt: skip
     host = socket.gethostname()
     report = {"rank": rank, "host": os.environ.get("SLURMD_NODENAME", host), "step": step,
               "phase": heartbeat.PHASE_NAMES[phase], "seconds_since_heartbeat": round(age, 1), "timeout_s": limit,
               "process_state": process_state(pid), "time": time.time()}  # fmt: skip
     (hang_dir / f"{tag}-rank-{rank:05d}.json").write_text(json.dumps(report) + "\n")
+    _send(pid, signal.SIGUSR2)  # pending while stopped: printed as soon as SIGCONT lets it run
     _send(pid, signal.SIGCONT)
-    _send(pid, signal.SIGUSR2)
     final = hang_dir / f"{tag}-rank-{rank:05d}.stacks.txt"
-    for _ in range(250):  # up to 5 s for faulthandler to write; then at once, before the rank runs on
+    for _ in range(250):  # up to 5 s for faulthandler to write
         time.sleep(0.02)
         if stacks.exists() and stacks.stat().st_size > 0 and "File" in stacks.read_text(errors="replace"):
             break
+    _send(pid, signal.SIGSTOP)  # frozen, not killed yet: the ranks blocked behind it must notice and dump too
+    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    deadline = time.monotonic() + limit + 2 * poll_s
+    while len(list(hang_dir.glob(f"{tag}-rank-*.json"))) < world and time.monotonic() < deadline:
+        time.sleep(poll_s)
     _send(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     if stacks.exists():

@@ -123,6 +123,7 @@ def build_and_train(cfg: RunConfig) -> dict:
     from parallelism.layout import init_distributed, seed_all, shutdown
     from training.callbacks import Checkpointing, ConsoleLog, Heartbeat, TensorBoardLogger, Throughput, Validation
     from training.checkpoint.manager import CheckpointManager
+    from training.cluster_metrics import ClusterMetrics, Goodput
     from training.hf.init_from import initial_weights
     from training.model.flops import device_peak_flops, training_flops_per_token
     from training.model.parts import model_parts
@@ -168,12 +169,21 @@ def build_and_train(cfg: RunConfig) -> dict:
         ckpt = Checkpointing(
             manager, engine, stateful, cfg.checkpoint.interval, t.exit_interval, PREEMPTION, device=layout.device
         )
-        trainer.callbacks = [Heartbeat(heartbeat.PHASE), *trainer.callbacks, ckpt, Heartbeat(heartbeat.STEP)]
+        lg = cfg.logging
+        goodput = Goodput(cfg.run_dir, lg.log_interval, tb if writer else None, writer)
+        val.timer = ckpt.timer = goodput.counted
+        last_save = lambda: manager.saves[-1]["blocked_seconds"] if manager.saves else 0.0  # noqa: E731
+        cluster = ClusterMetrics(lg.log_interval, layout.device, tb if writer else None, say, lg.straggler_share,
+                                 lg.straggler_intervals, last_save)  # fmt: skip
+        trainer.callbacks = [Heartbeat(heartbeat.PHASE), goodput, cluster, *trainer.callbacks, ckpt,
+                             Heartbeat(heartbeat.STEP)]  # fmt: skip
         if layout.rank == 0:
             n = sum(p.numel() for p in engine.module.parameters())
             print(f"training {cfg.model.arch} on {layout.describe()}; {n:,} parameters on rank 0", flush=True)
         trainer.fit()
         result = _result(trainer, val, ckpt, resumed_from, layout, manager)
+        result["goodput"] = goodput.record(trainer.state.step)
+        result["straggler_warnings"] = cluster.warnings
         if writer:
             path = Path(cfg.run_dir) / "train_result.json"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,6 +238,9 @@ def main(argv: list[str] | None = None, supervised: bool = False) -> int:
 
 if __name__ == "__main__":
     PREEMPTION.install()
+    import time
+
+    os.environ.setdefault("SHARDFORGE_T0", str(time.time()))  # this rank's start, for goodput
     from launcher.quiet import quiet_third_party
 
     quiet_third_party()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -141,6 +142,17 @@ class Engine:
 
     def __init__(self, ds_engine, layout: Layout, loss_fn):
         self.ds, self.layout, self.loss_fn = ds_engine, layout, loss_fn
+        self.sync_wait_s = 0.0
+        """Seconds this rank waited in the step's own collectives (CPU only: on a GPU they do not block the host),
+        added up until the trainer reads and resets it: a rank that others wait for waits least."""
+
+    def _all_reduce(self, tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> None:
+        if self.layout.device.type != "cpu":
+            dist.all_reduce(tensor, op=op, group=group)
+            return
+        t0 = time.perf_counter()
+        dist.all_reduce(tensor, op=op, group=group)
+        self.sync_wait_s += time.perf_counter() - t0
 
     @property
     def module(self) -> nn.Module:
@@ -156,7 +168,7 @@ class Engine:
     def _dp_mean(self, value: torch.Tensor) -> float:
         """Mean of a device scalar over the data-parallel ranks, read once."""
         if self.layout.dp > 1:
-            dist.all_reduce(value, group=self.layout.dp_group)
+            self._all_reduce(value, group=self.layout.dp_group)
             value = value / self.layout.dp
         return float(value)
 
@@ -224,7 +236,7 @@ class PlainEngine(Engine):
         """A device bool: this micro-batch's loss is finite on every rank (MIN over the world, on the device)."""
         flag = torch.isfinite(loss.detach()).all().to(torch.int32)
         if self.layout.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            self._all_reduce(flag, group=None, op=dist.ReduceOp.MIN)  # the default group: every rank
         return flag.bool()
 
     def _set_lr(self, lr: float) -> None:

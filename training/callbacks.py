@@ -23,6 +23,44 @@ def memory_gb() -> dict[str, float]:
     return out
 
 
+def _lines(*tags: str) -> list:
+    return ["Multiline", list(tags)]
+
+
+def _spread(name: str) -> list:
+    return _lines(*(f"cluster/{name}_{s}" for s in ("min", "median", "max")))
+
+
+DASHBOARD = {
+    "loss": {"train and validation loss": _lines("train/loss", "val/loss"), "grad norm": _lines("train/grad_norm")},
+    "throughput": {
+        "tokens/s": _lines("perf/tokens_per_s"),
+        "MFU": _lines("perf/mfu"),
+        "data wait share": _lines("perf/data_wait_frac"),
+    },
+    "cluster": {
+        "step time (min/median/max rank)": _spread("step_time_s"),
+        "busy time": _spread("busy_s"),
+        "rank of the slowest": _lines("cluster/busy_s_max_rank", "cluster/step_time_s_max_rank"),
+        "data wait": _spread("data_wait_s"),
+        "RSS GB": _spread("rss_gb"),
+        "device GB": _spread("device_gb"),
+        "last save s": _spread("save_s"),
+        "stragglers": _lines("cluster/stragglers"),
+    },
+    "goodput": {
+        "seconds": _lines(
+            *(
+                f"goodput/{k}_s"
+                for k in ("wall", "startup", "steps", "data_wait", "validation", "checkpoint", "other", "lost")
+            )
+        ),
+        "goodput (steps / wall)": _lines("goodput/goodput"),
+    },
+}
+"""The custom-scalars layout written with a fresh run: ``shardforge tensorboard`` opens on these four panels."""
+
+
 class Throughput:
     """Tokens/s and MFU from step times, with FLOPs per token from ``training.model.flops``."""
 
@@ -73,6 +111,7 @@ class TensorBoardLogger(Callback):
     def on_train_start(self, trainer: Trainer) -> None:
         if self.writer is not None and trainer.state.step == 0:
             self.writer.add_text("config", "```\n" + self.config_yaml + "\n```", global_step=0)
+            self.writer.add_custom_scalars(DASHBOARD)
 
     def on_step_end(self, trainer: Trainer, m: StepMetrics) -> None:
         if self.writer is None:
@@ -95,6 +134,14 @@ class TensorBoardLogger(Callback):
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None:
             self.writer.add_scalar(tag, value, step)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        """Many scalars in one event."""
+        if self.writer is not None:
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            summary = Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
+            self.writer.file_writer.add_summary(summary, step)
 
     def on_train_end(self, trainer: Trainer) -> None:
         if self.writer is not None:
@@ -120,9 +167,13 @@ class Validation(Callback):
         self.best = math.inf
         self.bad_evals = 0
         self.history: list[tuple[int, float]] = []
+        self.timer = None  # called with ("validation", seconds) after each evaluation (goodput)
 
     def evaluate(self, trainer: Trainer, step: int) -> float:
+        t0 = time.perf_counter()
         loss = trainer.engine.eval_loss(self.batches())
+        if self.timer is not None:
+            self.timer("validation", time.perf_counter() - t0)
         self.history.append((step, loss))
         if self.tb is not None:
             self.tb.scalar("val/loss", loss, step)
@@ -178,6 +229,7 @@ class Checkpointing(Callback):
         self.exited_early = False  # stopped by train.exit_interval before max_steps: resumable, like a preemption
         self.last_saved: int | None = None
         self._start_step: int | None = None
+        self.timer = None  # called with ("checkpoint", blocked seconds) after each save (goodput)
 
     def _any_rank_signalled(self) -> bool:
         import torch.distributed as dist
@@ -195,8 +247,11 @@ class Checkpointing(Callback):
         preempt = self._any_rank_signalled()
         done_here = self.exit_interval is not None and m.step - self._start_step >= self.exit_interval
         if preempt or done_here or m.step % self.interval == 0 or m.step >= trainer.max_steps:
+            t0 = time.perf_counter()
             self.manager.save(m.step, self.engine, self.stateful)
             self.last_saved = m.step
+            if self.timer is not None:
+                self.timer("checkpoint", time.perf_counter() - t0)
         if preempt:
             self.preempted = True
             trainer.stop(f"preempted by a signal at step {m.step}; checkpoint saved, please requeue")

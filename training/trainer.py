@@ -42,6 +42,8 @@ class StepMetrics:
     data_wait_s: float
     tokens: int
     skipped: bool
+    sync_wait_s: float = 0.0
+    """Time in the step's own collectives waiting for other ranks (CPU; 0 on GPU)."""
 
 
 class Callback:
@@ -103,10 +105,12 @@ class Trainer:
         self.state.tokens_seen += self.tokens_per_step
         grad_norm = self.engine.grad_norm()
         elapsed = time.perf_counter() - t0
+        waited, self.engine.sync_wait_s = getattr(self.engine, "sync_wait_s", 0.0), 0.0
         self.losses.append(loss)
         self.step_times.append(elapsed)
         self.grad_norms.append(grad_norm)
-        return StepMetrics(self.state.step, loss, lr, grad_norm, elapsed, t1 - t0, self.tokens_per_step, skipped)
+        return StepMetrics(self.state.step, loss, lr, grad_norm, elapsed, t1 - t0, self.tokens_per_step, skipped,
+                           waited)  # fmt: skip
 
     def fit(self) -> None:
         for cb in self.callbacks:

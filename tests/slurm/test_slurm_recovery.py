@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 from conftest import REPO, assert_same_model_state, layout_args, train_command
@@ -83,6 +84,11 @@ def test_a_crash_and_a_hang_are_requeued_on_the_other_node_and_finish_bitwise_eq
     assert_same_model_state(run, reference)
     log = "".join(p.read_text() for p in (run / "slurm").glob("train-*.out"))
     assert "0: step" in log and "1: " in log  # srun --label: every rank's lines carry its rank
+    good = json.loads((run / "goodput.json").read_text())
+    assert len(good["starts"]) == 3 and good["starts"][1]["lost_s"] > 0 and good["starts"][2]["lost_s"] > 0
+    status = subprocess.run([sys.executable, "-m", "launcher.cli", "slurm", "status", str(run)], cwd=REPO,
+                            capture_output=True, text=True).stdout  # fmt: skip
+    assert "over 3 starts" in status and "goodput " in status
 
 
 def test_a_crash_before_any_checkpoint_is_not_requeued(slurm_cluster, prepared, tmp_path):
