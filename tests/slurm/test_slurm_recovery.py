@@ -15,8 +15,8 @@ from test_slurm_jobs import diagnosis, env, release, submit
 
 from launcher.slurm import last_step
 
-STEPS = 120
-STEP_TIMEOUT = 8
+STEPS = 80
+STEP_TIMEOUT = 5
 RUN = [f"train.max_steps={STEPS}", f"train.eval_interval={STEPS}", "checkpoint.interval=20", "logging.log_interval=5",
        *layout_args(dp=2, zero=1), f"watchdog.step_timeout_s={STEP_TIMEOUT}", "watchdog.poll_s=0.5"]  # fmt: skip
 ONE_NODE = ("--nodes", "1", "--time", "10")  # 2 ranks on one of the 2 nodes: the other one is spare
@@ -84,8 +84,13 @@ def test_a_crash_and_a_hang_are_requeued_on_the_other_node_and_finish_bitwise_eq
     assert_same_model_state(run, reference)
     log = "".join(p.read_text() for p in (run / "slurm").glob("train-*.out"))
     assert "0: step" in log and "1: " in log  # srun --label: every rank's lines carry its rank
-    good = json.loads((run / "goodput.json").read_text())
-    assert len(good["starts"]) == 3 and good["starts"][1]["lost_s"] > 0 and good["starts"][2]["lost_s"] > 0
+    good = json.loads((run / "goodput.json").read_text())  # the crashed starts' records end at their last interval
+    assert [s["last_step"] for s in good["starts"]][2] == STEPS and len(good["starts"]) == 3
+    assert good["starts"][0]["lost_s"] == 0 and good["starts"][1]["lost_s"] > 0 and good["starts"][2]["lost_s"] > 0
+    parts = ("startup_s", "steps_s", "data_wait_s", "validation_s", "checkpoint_s", "other_s", "lost_s")
+    for start in good["starts"]:  # the parts cover each start's wall time
+        assert abs(sum(start[p] for p in parts) - start["wall_s"]) <= 0.05 * start["wall_s"], start
+    assert abs(good["totals"]["wall_s"] - sum(s["wall_s"] for s in good["starts"])) < 1e-6
     status = subprocess.run([sys.executable, "-m", "launcher.cli", "slurm", "status", str(run)], cwd=REPO,
                             capture_output=True, text=True).stdout  # fmt: skip
     assert "over 3 starts" in status and "goodput " in status

@@ -1,5 +1,5 @@
-"""Cluster metrics on real gloo ranks: a straggler made from outside is named, and goodput covers the wall time
-across a crash and a resume."""
+"""Cluster metrics on real gloo ranks: a straggler made from outside is named. (Goodput across a crash and two
+requeues: tests/slurm/test_slurm_recovery.py.)"""
 
 from __future__ import annotations
 
@@ -50,12 +50,12 @@ def test_a_rank_paused_from_outside_is_named_as_the_straggler(prepared, tmp_path
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run, log = tmp_path / "run", tmp_path / "train.log"
-    args = ["train.max_steps=100", "train.eval_interval=1000", "checkpoint.interval=1000", "logging.log_interval=5",
+    args = ["train.max_steps=60", "train.eval_interval=1000", "checkpoint.interval=1000", "logging.log_interval=5",
             "logging.straggler_share=0.5", "logging.straggler_intervals=2", "parallel.nproc=2"]  # fmt: skip
     with open(log, "w") as out:
         proc = subprocess.Popen(train_command(run, prepared, *args), cwd=REPO, env={**os.environ, **TRAIN_ENV},
                                 stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-        wait_log(log, "step     10/100")
+        wait_log(log, "step     10/60")
         slow = rank_pids(run)[1]
         paused_from = 10
         while proc.poll() is None:
@@ -74,35 +74,4 @@ def test_a_rank_paused_from_outside_is_named_as_the_straggler(prepared, tmp_path
     ea = EventAccumulator(str(run / "tensorboard"))
     ea.Reload()
     top = [int(e.value) for e in ea.Scalars("cluster/busy_s_max_rank") if e.step > paused_from + 5]
-    assert len(top) == 17 and top.count(1) >= 12, top  # intervals ending at steps 20..100
-
-
-def test_goodput_covers_the_wall_time_across_a_crash_and_a_resume(prepared, tmp_path):
-    """One rank; its process is killed at step 15 (checkpoint at 10), the rerun redoes steps 11-15 as lost work.
-    The parts add up to each start's wall time, and that is the time the test saw, less the launcher's start."""
-    run, log = tmp_path / "run", tmp_path / "train.log"
-    args = ["train.max_steps=30", "train.eval_interval=10", "checkpoint.interval=10", "logging.log_interval=5"]
-    walls = []
-    with open(log, "w") as out:
-        t0 = time.time()
-        proc = subprocess.Popen(train_command(run, prepared, *args), cwd=REPO, env={**os.environ, **TRAIN_ENV},
-                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-        wait_log(log, "step     15/30")
-        os.kill(rank_pids(run)[0], signal.SIGKILL)
-        assert proc.wait() == 128 + signal.SIGKILL
-        walls.append(time.time() - t0)
-    t0 = time.time()
-    assert subprocess.run(train_command(run, prepared, *args), cwd=REPO, env={**os.environ, **TRAIN_ENV},
-                          capture_output=True).returncode == 0  # fmt: skip
-    walls.append(time.time() - t0)
-    good = json.loads((run / "goodput.json").read_text())
-    assert len(good["starts"]) == 2 and [s["last_step"] for s in good["starts"]] == [15, 30]
-    parts = ("startup_s", "steps_s", "data_wait_s", "validation_s", "checkpoint_s", "other_s", "lost_s")
-    for start, seen in zip(good["starts"][1:], walls[1:]):  # the first start's record stops at its last interval
-        assert abs(sum(start[p] for p in parts) - start["wall_s"]) <= 0.05 * start["wall_s"], start
-        assert seen - 5 <= start["wall_s"] <= seen, (start["wall_s"], seen)
-    first, second = good["starts"]
-    assert first["lost_s"] == 0 and second["lost_s"] > 0  # steps 11-15 done twice
-    assert second["lost_s"] < second["steps_s"]  # 5 steps redone of 20 run
-    totals = good["totals"]
-    assert abs(totals["wall_s"] - first["wall_s"] - second["wall_s"]) < 1e-6
+    assert len(top) == 9 and top.count(1) >= 7, top  # intervals ending at steps 20..60
