@@ -28,9 +28,9 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from core import heartbeat
 from core.config import RunConfig
 from core.errors import EXIT_HANG
+from training import heartbeat
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 

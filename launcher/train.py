@@ -117,13 +117,24 @@ def _result(trainer, val, ckpt, resumed_from, layout, manager) -> dict:
     }
 
 
+def _monitoring(cfg: RunConfig, layout, tb, say, manager):
+    """Goodput (kept by the writing rank) and the per-rank cluster metrics (every rank takes part)."""
+    from training.cluster_metrics import ClusterMetrics, Goodput
+
+    lg = cfg.logging
+    goodput = Goodput(cfg.run_dir, lg.log_interval, tb, tb is not None)
+    last_save = lambda: manager.saves[-1]["blocked_seconds"] if manager.saves else 0.0  # noqa: E731
+    cluster = ClusterMetrics(lg.log_interval, layout.device, tb, say, lg.straggler_share, lg.straggler_intervals,
+                             last_save)  # fmt: skip
+    return goodput, cluster
+
+
 def build_and_train(cfg: RunConfig) -> dict:
-    from core import heartbeat
     from parallelism.engine import build_engine
     from parallelism.layout import init_distributed, seed_all, shutdown
+    from training import heartbeat
     from training.callbacks import Checkpointing, ConsoleLog, Heartbeat, TensorBoardLogger, Throughput, Validation
     from training.checkpoint.manager import CheckpointManager
-    from training.cluster_metrics import ClusterMetrics, Goodput
     from training.hf.init_from import initial_weights
     from training.model.flops import device_peak_flops, training_flops_per_token
     from training.model.parts import model_parts
@@ -169,12 +180,8 @@ def build_and_train(cfg: RunConfig) -> dict:
         ckpt = Checkpointing(
             manager, engine, stateful, cfg.checkpoint.interval, t.exit_interval, PREEMPTION, device=layout.device
         )
-        lg = cfg.logging
-        goodput = Goodput(cfg.run_dir, lg.log_interval, tb if writer else None, writer)
+        goodput, cluster = _monitoring(cfg, layout, tb if writer else None, say, manager)
         val.timer = ckpt.timer = goodput.counted
-        last_save = lambda: manager.saves[-1]["blocked_seconds"] if manager.saves else 0.0  # noqa: E731
-        cluster = ClusterMetrics(lg.log_interval, layout.device, tb if writer else None, say, lg.straggler_share,
-                                 lg.straggler_intervals, last_save)  # fmt: skip
         trainer.callbacks = [Heartbeat(heartbeat.PHASE), goodput, cluster, *trainer.callbacks, ckpt,
                              Heartbeat(heartbeat.STEP)]  # fmt: skip
         if layout.rank == 0:

@@ -2,8 +2,8 @@
 
 The supervisor creates the heartbeat before it forks the rank; the rank writes (beat count, step, phase) at each
 step boundary, the supervisor reads it every ``watchdog.poll_s`` and times, on its own clock, how long the count
-has not moved (no clock is compared across processes). Leaf module: no project imports. Without a
-supervisor (one process started in the CLI, or ``watchdog.enabled: false``) :func:`beat` does nothing.
+has not moved (no clock is compared across processes). No project imports and no torch: the supervisor imports it
+before it forks. Without a supervisor (``watchdog.enabled: false``) :func:`beat` does nothing.
 """
 
 from __future__ import annotations
