@@ -181,8 +181,11 @@ class PlainEngine(Engine):
         self._ok: torch.Tensor | None = None  # on the device: every micro-batch so far was finite on every rank
         self._norm: torch.Tensor | None = None  # ZeRO-0's global gradient norm of the last step, on the device
         clips = layout.zero_stage == 0 and self.ds.gradient_clipping() > 0
-        if layout.zero_stage == 0 and layout.dp == 1:
-            self.ds.enable_backward_allreduce = False  # averaging over one rank: a flatten, copy and unflatten
+        self._timed_allreduce = layout.zero_stage == 0 and layout.dp > 1 and layout.device.type == "cpu"
+        if layout.zero_stage == 0 and (layout.dp == 1 or self._timed_allreduce):
+            # dp 1: averaging over one rank is a flatten, copy and unflatten; ZeRO-0 on CPU ranks: the same
+            # all-reduce, called below where its wait can be timed (a rank that others wait for waits least)
+            self.ds.enable_backward_allreduce = False
         self._clip = recorded_clip_norm() if clips else None
         if layout.zero_stage < 3:
             for p in self.ds.module.parameters():
@@ -219,6 +222,10 @@ class PlainEngine(Engine):
                     self._ok = self._ok & self._finite_everywhere(loss)
                 self.ds.backward(loss)
                 if i == len(micro_batches) - 1:
+                    if self._timed_allreduce:
+                        t0 = time.perf_counter()
+                        self.ds.allreduce_gradients()  # what ds.backward does at the boundary when enabled
+                        self.sync_wait_s += time.perf_counter() - t0
                     skipped = guard and not bool(self._ok)  # the step's one host read of the flag
                     if self.layout.zero_stage == 0 and self._clip is None:
                         self._norm = self._replicated_grad_norm()  # ZeRO-0 without clipping computes none

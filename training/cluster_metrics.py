@@ -44,7 +44,8 @@ def gather_rows(values: list[float], device: torch.device, group=None) -> list[l
 
 
 def gather_hosts(device: torch.device, group=None) -> list[str]:
-    name = socket.gethostname().encode()[:HOST_BYTES].ljust(HOST_BYTES, b"\0")
+    host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # the Slurm node name, else the host
+    name = host.encode()[:HOST_BYTES].ljust(HOST_BYTES, b"\0")
     rows = gather_rows([float(b) for b in name], device, group)
     return [bytes(int(v) for v in row).rstrip(b"\0").decode(errors="replace") for row in rows]
 

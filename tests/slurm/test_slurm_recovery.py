@@ -1,4 +1,5 @@
-"""Recovery on the real Slurm: a crashed rank and a hung rank each cost one requeue onto another node."""
+"""Recovery and monitoring on the real Slurm: a crashed rank and a hung rank each cost one requeue onto another
+node; a straggler is named with its node."""
 
 from __future__ import annotations
 
@@ -105,3 +106,38 @@ def test_a_crash_before_any_checkpoint_is_not_requeued(slurm_cluster, prepared, 
     wait_for(lambda: scontrol_job(job).get("JobState") == "FAILED", "state FAILED", timeout=120)
     assert scontrol_job(job)["Restarts"] == "0"
     assert history(run)[-1][1].endswith("not requeued: no checkpoint since this start")
+
+
+def test_a_rank_paused_from_outside_is_named_as_the_straggler(slurm_cluster, prepared, tmp_path):
+    """2 emulated nodes x 1 rank. Rank 1 is stopped for 150 ms every 250 ms from step 10 on: it arrives last at
+    every collective, so its busy time (step time less data and collective waits) is the cluster's maximum, and the
+    warning names it and its node."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "straggler"
+    args = ["train.max_steps=60", "train.eval_interval=1000", "checkpoint.interval=1000", "logging.log_interval=5",
+            "logging.straggler_share=0.5", "logging.straggler_intervals=2", *layout_args(dp=2)]  # fmt: skip
+    [job] = submit(run, prepared, *args, flags=("--nodes", "2", "--time", "10"))
+    config = run / "slurm" / "config.yaml"
+    why = lambda: diagnosis(run, job)  # noqa: E731
+    wait_for(lambda: (last_step(run) or (0,))[0] >= 10 and len(rank_processes(config)) == 2, "step 10", timeout=180,
+             explain=why)  # fmt: skip
+    slow, paused_from = rank_processes(config)[1], 10
+    while not (run / "slurm" / "DONE").exists() and scontrol_job(job).get("JobState") == "RUNNING":
+        try:
+            os.kill(slow, signal.SIGSTOP)
+            time.sleep(0.15)
+            os.kill(slow, signal.SIGCONT)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    wait_for(lambda: (run / "slurm" / "DONE").exists(), "the job to finish", timeout=120, explain=why)
+    result = json.loads((run / "train_result.json").read_text())
+    warned = {(w[1], w[2]) for w in result["straggler_warnings"]}
+    assert warned == {(1, "node2")}, result["straggler_warnings"]  # rank 1 is the task on the second node
+    log = "".join(p.read_text() for p in (run / "slurm").glob("train-*.out"))
+    assert "warning: straggler rank 1 on node2" in log
+    ea = EventAccumulator(str(run / "tensorboard"))
+    ea.Reload()
+    top = [int(e.value) for e in ea.Scalars("cluster/busy_s_max_rank") if e.step > paused_from + 5]
+    assert len(top) == 9 and top.count(1) >= 7, top  # intervals ending at steps 20..60
