@@ -30,7 +30,7 @@ from pathlib import Path
 
 from core.config import RunConfig
 from core.errors import EXIT_HANG
-from training import heartbeat
+from training import preemption as heartbeat
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 

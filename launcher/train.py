@@ -132,7 +132,7 @@ def _monitoring(cfg: RunConfig, layout, tb, say, manager):
 def build_and_train(cfg: RunConfig) -> dict:
     from parallelism.engine import build_engine
     from parallelism.layout import init_distributed, seed_all, shutdown
-    from training import heartbeat
+    from training import preemption as heartbeat
     from training.callbacks import Checkpointing, ConsoleLog, Heartbeat, TensorBoardLogger, Throughput, Validation
     from training.checkpoint.manager import CheckpointManager
     from training.hf.init_from import initial_weights

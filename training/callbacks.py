@@ -12,7 +12,7 @@ import time
 import psutil
 import torch
 
-from training import heartbeat
+from training import preemption as heartbeat
 from training.trainer import Callback, StepMetrics, Trainer
 
 
