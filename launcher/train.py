@@ -8,17 +8,20 @@ under ``srun`` each task runs it with its rank taken from Slurm's variables. Exi
 
 from __future__ import annotations
 
-import json
-import os
-import resource
-import sys
-from pathlib import Path
-
-from core.config import RunConfig, load_config
-from core.errors import EXIT_REQUEUE, ShardforgeError
 from training.preemption import Preemption
 
-PREEMPTION = Preemption()  # installed first thing in __main__: a signal during start-up is not lost
+PREEMPTION = Preemption()
+if __name__ == "__main__":
+    PREEMPTION.install()  # before any other import (pydantic's takes ~0.5 s): a signal during start-up is kept
+
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from core.config import RunConfig, load_config  # noqa: E402
+from core.errors import EXIT_REQUEUE, ShardforgeError  # noqa: E402
 
 
 def _check_data(cfg: RunConfig) -> dict:
@@ -244,7 +247,6 @@ def main(argv: list[str] | None = None, supervised: bool = False) -> int:
 
 
 if __name__ == "__main__":
-    PREEMPTION.install()
     import time
 
     os.environ.setdefault("SHARDFORGE_T0", str(time.time()))  # this rank's start, for goodput
