@@ -442,7 +442,7 @@ def wait_for_log(proc: subprocess.Popen, log: Path, ready) -> None:
 
 
 def test_fault_injection_kill_9_at_random_moments(prepared, tmp_path, dp2_reference):
-    """6 rounds: kill -9 a random rank of a 2-rank job at a random moment (every third round during start-up or
+    """4 rounds: kill -9 a random rank of a 2-rank job at a random moment (every third round during start-up or
     checkpoint loading, the others 5 to 9 steps after the round's start, a random 0-0.3 s into the step or the save
     that follows), then start again with resume=auto. Round by round the next start resumes from the newest
     checkpoint that is complete on disk (checked here by hashing, not by the manager), or starts fresh when there
@@ -452,7 +452,7 @@ def test_fault_injection_kill_9_at_random_moments(prepared, tmp_path, dp2_refere
     run, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
     rng = random.Random(7)
     expected, seen, victims = [], [], []
-    for i in range(6):
+    for i in range(4):
         expected.append(newest_complete_checkpoint(root))
         log = tmp_path / f"round{i}.log"
         with open(log, "w") as out:
@@ -480,11 +480,11 @@ def test_fault_injection_kill_9_at_random_moments(prepared, tmp_path, dp2_refere
             target = (root / "latest").read_text().strip()
             assert newest_complete_checkpoint(root) is not None and verify_checkpoint(root / target) == [], target
     print(f"fault injection: kills {victims}; newest complete before each round {expected}; resumed from {seen}")
-    assert len(seen) == len(expected) == 6
+    assert len(seen) == len(expected) == 4
     for i, (want, got) in enumerate(zip(expected, seen)):
         if got != "unknown":  # "unknown": killed before it had chosen a checkpoint
             assert got == ("fresh" if want is None else want), f"round {i}: resumed {got}, newest complete {want}"
-    assert sum(isinstance(g, int) for g in seen) >= 2  # rounds that demonstrably resumed from a checkpoint
+    assert sum(isinstance(g, int) for g in seen) >= 1  # round 2 resumes from round 1's checkpoints; the final too
     want = newest_complete_checkpoint(root)
     final = train(run, prepared, steps=steps, extra=extra)
     assert final["resumed_from"] == (None if want is None else str(root / f"step_{want:08d}"))
