@@ -137,22 +137,56 @@ def sum_sequence_parallel_grads(model: nn.Module, layout: Layout) -> int:
     return n
 
 
+class WaitClock:
+    """Seconds a rank spends in its own collectives, summed until taken: a rank that the others wait for waits
+    least, so step time less these waits (and the data wait) shows which rank is slow. On CPU gloo blocks the
+    caller: the host clock. On a GPU, NCCL returns at once and the stream waits: CUDA events recorded before and
+    after the call, read when taken, after the step's loss was read (so they are complete: no extra sync)."""
+
+    def __init__(self, device: torch.device):
+        self._cuda = device.type == "cuda"
+        self._host_s = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def timed(self, fn: Callable, *args, **kwargs):
+        if self._cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(*args, **kwargs)
+            end.record()
+            self._events.append((start, end))
+            return out
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._host_s += time.perf_counter() - t0
+
+    def take(self) -> float:
+        seconds = self._host_s
+        for start, end in self._events:
+            end.synchronize()
+            seconds += start.elapsed_time(end) / 1000
+        self._host_s, self._events = 0.0, []
+        return seconds
+
+
 class Engine:
     """The trainer's view of a DeepSpeed engine."""
 
     def __init__(self, ds_engine, layout: Layout, loss_fn):
         self.ds, self.layout, self.loss_fn = ds_engine, layout, loss_fn
-        self.sync_wait_s = 0.0
-        """Seconds this rank waited in the step's own collectives (CPU only: on a GPU they do not block the host),
-        added up until the trainer reads and resets it: a rank that others wait for waits least."""
+        self.waits = WaitClock(layout.device)
+        if layout.dp > 1:  # DeepSpeed's gradient reduction, where it calls it (ZeRO-0/1 all of it, ZeRO-2/3 the rest)
+            reduce = ds_engine.allreduce_gradients
+            ds_engine.allreduce_gradients = lambda *a, **k: self.waits.timed(reduce, *a, **k)
 
     def _all_reduce(self, tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> None:
-        if self.layout.device.type != "cpu":
-            dist.all_reduce(tensor, op=op, group=group)
-            return
-        t0 = time.perf_counter()
-        dist.all_reduce(tensor, op=op, group=group)
-        self.sync_wait_s += time.perf_counter() - t0
+        self.waits.timed(dist.all_reduce, tensor, op=op, group=group)
+
+    def take_sync_wait(self) -> float:
+        """Seconds this rank waited in the step's collectives since the last call (read once per step)."""
+        return self.waits.take()
 
     @property
     def module(self) -> nn.Module:
@@ -181,11 +215,8 @@ class PlainEngine(Engine):
         self._ok: torch.Tensor | None = None  # on the device: every micro-batch so far was finite on every rank
         self._norm: torch.Tensor | None = None  # ZeRO-0's global gradient norm of the last step, on the device
         clips = layout.zero_stage == 0 and self.ds.gradient_clipping() > 0
-        self._timed_allreduce = layout.zero_stage == 0 and layout.dp > 1 and layout.device.type == "cpu"
-        if layout.zero_stage == 0 and (layout.dp == 1 or self._timed_allreduce):
-            # dp 1: averaging over one rank is a flatten, copy and unflatten; ZeRO-0 on CPU ranks: the same
-            # all-reduce, called below where its wait can be timed (a rank that others wait for waits least)
-            self.ds.enable_backward_allreduce = False
+        if layout.zero_stage == 0 and layout.dp == 1:
+            self.ds.enable_backward_allreduce = False  # averaging over one rank: a flatten, copy and unflatten
         self._clip = recorded_clip_norm() if clips else None
         if layout.zero_stage < 3:
             for p in self.ds.module.parameters():
@@ -222,10 +253,6 @@ class PlainEngine(Engine):
                     self._ok = self._ok & self._finite_everywhere(loss)
                 self.ds.backward(loss)
                 if i == len(micro_batches) - 1:
-                    if self._timed_allreduce:
-                        t0 = time.perf_counter()
-                        self.ds.allreduce_gradients()  # what ds.backward does at the boundary when enabled
-                        self.sync_wait_s += time.perf_counter() - t0
                     skipped = guard and not bool(self._ok)  # the step's one host read of the flag
                     if self.layout.zero_stage == 0 and self._clip is None:
                         self._norm = self._replicated_grad_norm()  # ZeRO-0 without clipping computes none

@@ -105,7 +105,7 @@ class Trainer:
         self.state.tokens_seen += self.tokens_per_step
         grad_norm = self.engine.grad_norm()
         elapsed = time.perf_counter() - t0
-        waited, self.engine.sync_wait_s = getattr(self.engine, "sync_wait_s", 0.0), 0.0
+        waited = self.engine.take_sync_wait()
         self.losses.append(loss)
         self.step_times.append(elapsed)
         self.grad_norms.append(grad_norm)
