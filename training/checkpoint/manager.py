@@ -85,7 +85,8 @@ class CheckpointManager:
             state["data_identity"] = self.data_identity
             state_text = json.dumps(state, indent=1)
         gathered = time.perf_counter() - gathered
-        record = {"step": step, "blocked_seconds": 0.0, "seconds": 0.0, "bytes": 0, "gather_seconds": gathered}
+        # "bytes": the whole checkpoint, known to rank 0 (it publishes); every rank has its own "bytes_this_rank"
+        record = {"step": step, "blocked_seconds": 0.0, "seconds": 0.0, "bytes": None, "gather_seconds": gathered}
 
         def write() -> None:
             try:
