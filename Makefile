@@ -35,7 +35,6 @@ $(STAMP): constraints.txt setup.py
 	@idx=$$($(PY) -m pip config list 2>/dev/null | $(PY) -c '$(UV_INDEXES)'); \
 	if test -x $(UV) && $(UV_PIP) $(PACKAGES) && $(UV_PIP) --no-build-isolation deepspeed; then :; else \
 		echo "uv could not install the stack: pip installs it (about 2 minutes)"; \
-		$(PY) -m pip install -q -c constraints.txt torch $(QUIET_PIP); \
 		$(PY) -m pip install -q -c constraints.txt $(PACKAGES) $(QUIET_PIP); \
 		$(PY) -m pip install -q --no-build-isolation -c constraints.txt deepspeed $(QUIET_PIP); fi
 	@PYTHONWARNINGS=ignore $(PY) -m pip install -q --no-build-isolation --no-deps -e . $(QUIET_PIP)

@@ -39,20 +39,22 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write text to ``path`` through a temporary file, fsync, then rename."""
+def write_text_atomic(path: str | Path, text: str, durable: bool = True) -> None:
+    """Write text to ``path`` through a temporary file, fsync (unless not ``durable``: a file rewritten often,
+    where losing the last version to a power cut costs little), then rename."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def write_json_atomic(path: str | Path, obj: object, indent: int = 2) -> None:
+def write_json_atomic(path: str | Path, obj: object, indent: int = 2, durable: bool = True) -> None:
     """Write JSON (with a final newline) to ``path`` through a temporary file, fsync, then rename."""
-    write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
+    write_text_atomic(path, json.dumps(obj, indent=indent) + "\n", durable)
 
 
 @contextmanager

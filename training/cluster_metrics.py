@@ -26,6 +26,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from core.files import write_json_atomic
 from training.trainer import Callback, StepMetrics, Trainer
 
 FIELDS = ("step_time_s", "busy_s", "data_wait_s", "rss_gb", "device_gb", "save_s")
@@ -157,9 +158,8 @@ class Goodput(Callback):
         starts = [*self.earlier, self.record(step)]
         totals = {k: sum(s[k] for s in starts) for k in starts[-1] if k.endswith("_s")}
         totals["goodput"] = totals["steps_s"] / max(totals["wall_s"], 1e-9)
-        tmp = self.path.with_name(self.path.name + ".tmp")  # replaced whole, not fsynced: a write every log interval
-        tmp.write_text(json.dumps({"starts": starts, "totals": totals}, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        # replaced whole, not fsynced: a write every log interval
+        write_json_atomic(self.path, {"starts": starts, "totals": totals}, indent=1, durable=False)
         if self.tb is not None:
             self.tb.scalars({f"goodput/{k}": v for k, v in totals.items()}, step)
         return totals
