@@ -17,7 +17,7 @@ venv: $(STAMP)
 # Every package the suite and the quickstart use; versions from constraints.txt. DeepSpeed comes after torch,
 # built against it (--no-build-isolation).
 PACKAGES := torch megatron-core psutil webdataset sentencepiece tensorboard pydantic PyYAML tqdm datasketch zstandard \
-	numpy safetensors pytest pytest-timeout hjson ninja msgpack xxhash pyarrow einops py-cpuinfo transformers lm-eval ruff
+	numpy safetensors pytest pytest-timeout pytest-xdist hjson ninja msgpack xxhash pyarrow einops py-cpuinfo transformers lm-eval ruff
 # uv installs the same pinned versions in parallel (about 40 s sooner here); it reads pip's configured indexes from
 # `pip config list`. Where uv cannot (no wheel for it, an index it cannot read), pip installs everything.
 UV := $(VENV)/bin/uv
@@ -45,7 +45,7 @@ quickstart: venv
 	$(PY) -m launcher.quickstart
 
 test: venv lint
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=25 tests
 
 bench: venv
 	$(PY) bench/run_all.py

@@ -135,7 +135,6 @@ def _monitoring(cfg: RunConfig, layout, tb, say, manager):
 def build_and_train(cfg: RunConfig) -> dict:
     from parallelism.engine import build_engine
     from parallelism.layout import init_distributed, seed_all, shutdown
-    from training import preemption as heartbeat
     from training.callbacks import Checkpointing, ConsoleLog, Heartbeat, TensorBoardLogger, Throughput, Validation
     from training.checkpoint.manager import CheckpointManager
     from training.hf.init_from import initial_weights
@@ -185,8 +184,7 @@ def build_and_train(cfg: RunConfig) -> dict:
         )
         goodput, cluster = _monitoring(cfg, layout, tb if writer else None, say, manager)
         val.timer = ckpt.timer = goodput.counted
-        trainer.callbacks = [Heartbeat(heartbeat.PHASE), goodput, cluster, *trainer.callbacks, ckpt,
-                             Heartbeat(heartbeat.STEP)]  # fmt: skip
+        trainer.callbacks = [Heartbeat(), goodput, cluster, *trainer.callbacks, ckpt]
         if layout.rank == 0:
             n = sum(p.numel() for p in engine.module.parameters())
             print(f"training {cfg.model.arch} on {layout.describe()}; {n:,} parameters on rank 0", flush=True)

@@ -215,3 +215,12 @@ def assert_same_model_state(run_a: Path, run_b: Path) -> None:
     assert names and names == sorted(p.name for p in folders[1].glob("*.safetensors"))
     keys = [k for name in names for k in assert_same_tensors(folders[0] / name, folders[1] / name)]
     assert {k.split("/")[0] for k in keys} >= {"param", "exp_avg", "exp_avg_sq"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs the suite in two pytest workers (`-n 2 --dist loadgroup`): a module's tests stay on one
+    worker (its module fixtures run once), and every Slurm test shares the worker that started the local cluster."""
+    for item in items:
+        rel = item.path.relative_to(REPO / "tests")
+        group = "slurm" if rel.parts[0] == "slurm" else rel.as_posix()
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -171,7 +171,8 @@ class Validation(Callback):
 
     def evaluate(self, trainer: Trainer, step: int) -> float:
         t0 = time.perf_counter()
-        loss = trainer.engine.eval_loss(self.batches())
+        with heartbeat.long_phase(step):
+            loss = trainer.engine.eval_loss(self.batches())
         if self.timer is not None:
             self.timer("validation", time.perf_counter() - t0)
         self.history.append((step, loss))
@@ -248,7 +249,8 @@ class Checkpointing(Callback):
         done_here = self.exit_interval is not None and m.step - self._start_step >= self.exit_interval
         if preempt or done_here or m.step % self.interval == 0 or m.step >= trainer.max_steps:
             t0 = time.perf_counter()
-            self.manager.save(m.step, self.engine, self.stateful)
+            with heartbeat.long_phase(m.step):
+                self.manager.save(m.step, self.engine, self.stateful)
             self.last_saved = m.step
             if self.timer is not None:
                 self.timer("checkpoint", time.perf_counter() - t0)
@@ -264,19 +266,15 @@ class Checkpointing(Callback):
 
 
 class Heartbeat(Callback):
-    """Tells the rank's supervisor (:mod:`launcher.supervise`) that a step ended. Put one first among the
-    callbacks (``phase=PHASE``: validation and checkpoints that follow get the longer timeout) and one last
-    (``phase=STEP``: the next step gets the step timeout)."""
-
-    def __init__(self, phase: int):
-        self.phase = phase
+    """Tells the rank's supervisor (:mod:`launcher.supervise`) that a step ended; put it first among the callbacks.
+    Steps and callbacks run under the step timeout (a collective in a callback that hangs is found as soon as one in
+    a step); validations and checkpoint saves mark themselves (:func:`training.preemption.long_phase`)."""
 
     def on_train_start(self, trainer: Trainer) -> None:
-        if self.phase == heartbeat.STEP:
-            heartbeat.beat(heartbeat.STEP, trainer.state.step)
+        heartbeat.beat(heartbeat.STEP, trainer.state.step)
 
     def on_step_end(self, trainer: Trainer, m: StepMetrics) -> None:
-        heartbeat.beat(self.phase, m.step)
+        heartbeat.beat(heartbeat.STEP, m.step)
 
     def on_train_end(self, trainer: Trainer) -> None:
         heartbeat.beat(heartbeat.PHASE, trainer.state.step)  # the end: results, barrier, shutdown

@@ -18,6 +18,8 @@ import mmap
 import signal
 import struct
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -36,8 +38,8 @@ class Preemption:
 
 
 STARTUP, STEP, PHASE, DONE = 0, 1, 2, 3
-"""STEP: between steps (``watchdog.step_timeout_s``); STARTUP and PHASE (validation, checkpoint saves, the end):
-``watchdog.phase_timeout_s``; DONE: no timeout."""
+"""STEP: steps and the callbacks between them, collectives included (``watchdog.step_timeout_s``); STARTUP and PHASE
+(a validation, a checkpoint save, the end): ``watchdog.phase_timeout_s``; DONE: no timeout."""
 PHASE_NAMES = {STARTUP: "start-up", STEP: "step", PHASE: "validation/checkpoint", DONE: "done"}
 _FORMAT = "<qqi"
 
@@ -76,3 +78,14 @@ def create() -> Heartbeat:
 def beat(phase: int, step: int) -> None:
     if _current is not None:
         _current.set(phase, step)
+
+
+@contextmanager
+def long_phase(step: int) -> Iterator[None]:
+    """A validation or a checkpoint save: the phase timeout inside, the timeout of the phase before it after."""
+    before = _current.read_raw()[2] if _current is not None else STEP
+    beat(PHASE, step)
+    try:
+        yield
+    finally:
+        beat(before, step)

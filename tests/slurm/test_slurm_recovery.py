@@ -109,7 +109,7 @@ def test_a_crash_before_any_checkpoint_is_not_requeued(slurm_cluster, prepared, 
 
 
 def test_a_rank_paused_from_outside_is_named_as_the_straggler(slurm_cluster, prepared, tmp_path):
-    """2 emulated nodes x 1 rank. Rank 1 is stopped for 150 ms every 250 ms from step 10 on: it arrives last at
+    """2 emulated nodes x 1 rank. Rank 1 is stopped for 200 ms every 300 ms from step 10 on: it arrives last at
     every collective, so its busy time (step time less data and collective waits) is the cluster's maximum, and the
     warning names it and its node."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -126,7 +126,7 @@ def test_a_rank_paused_from_outside_is_named_as_the_straggler(slurm_cluster, pre
     while not (run / "slurm" / "DONE").exists() and scontrol_job(job).get("JobState") == "RUNNING":
         try:
             os.kill(slow, signal.SIGSTOP)
-            time.sleep(0.15)
+            time.sleep(0.2)
             os.kill(slow, signal.SIGCONT)
         except ProcessLookupError:
             break
