@@ -73,49 +73,52 @@ def _quiet_deepspeed() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 40 s g++ build on CPU
 
 
-def _patch_pipeline_clip_norm() -> None:
-    """DeepSpeed 0.19.8's ZeRO-0 clip (runtime/utils.clip_grad_norm_) keeps a replicated parameter only on
-    model-parallel rank 0 of the TP x PP group, dropping later stages' norms from the global norm. Count it on
-    TP rank 0 of every stage instead, which is what ZeRO-1/2 already do."""
+def install_clip_norm():
+    """Replace DeepSpeed 0.19.8's ZeRO-0 fp32 clip (runtime/utils.clip_grad_norm_, called by its engine) with the
+    same arithmetic, bitwise, and three changes: a replicated parameter counts on TP rank 0 of every pipeline stage
+    (DeepSpeed keeps it on rank 0 of the whole TP x PP group, dropping later stages' norms from the global norm;
+    ZeRO-1/2 already count it per stage); one foreach call per operation instead of a Python loop over parameters
+    (with a group lookup per parameter); no collective over a group of one rank. The last global norm, a device
+    tensor, stays in the function's ``last`` (read once per step: DeepSpeed drops it)."""
     import deepspeed.runtime.engine as ds_engine
-    from deepspeed.utils.bwc import bwc_tensor_model_parallel_rank
 
     if getattr(ds_engine.clip_grad_norm_, "_shardforge", False):
-        return
+        return ds_engine.clip_grad_norm_
+    from deepspeed.runtime.utils import is_model_parallel_parameter
+    from deepspeed.utils.bwc import bwc_tensor_model_parallel_rank
+
     original = ds_engine.clip_grad_norm_
 
-    class _TensorRankMpu:
-        def __init__(self, mpu):
-            self._mpu = mpu
-
-        def __getattr__(self, name):
-            return getattr(self._mpu, name)
-
-        def get_model_parallel_rank(self):
-            return bwc_tensor_model_parallel_rank(self._mpu)
-
     def clip(parameters, max_norm, norm_type=2, mpu=None):
-        return original(parameters, max_norm, norm_type, _TensorRankMpu(mpu) if mpu is not None else None)
-
-    clip._shardforge = True
-    ds_engine.clip_grad_norm_ = clip
-
-
-def recorded_clip_norm():
-    """DeepSpeed's ZeRO-0 clip (runtime/utils.clip_grad_norm_) computes the global gradient norm and drops it:
-    keep the last one, a device tensor, in the returned function's ``last`` (read once per step, no recompute)."""
-    import deepspeed.runtime.engine as ds_engine
-
-    if not getattr(ds_engine.clip_grad_norm_, "_shardforge_records", False):
-        original = ds_engine.clip_grad_norm_
-
-        def clip(*args, **kwargs):
-            clip.last = original(*args, **kwargs)
+        params = [p for p in parameters if p.grad is not None]
+        if float(norm_type) != 2.0 or mpu is None or not params:
+            clip.last = original(params, max_norm, norm_type, mpu)
             return clip.last
+        first = bwc_tensor_model_parallel_rank(mpu) == 0
+        counted = [p.grad.detach().float() for p in params if first or is_model_parallel_parameter(p)]
+        device = params[0].device
+        if counted:
+            total = torch.stack(torch._foreach_norm(counted, 2.0)).pow(2.0).sum().float()
+        else:
+            total = torch.zeros((), device=device)
+        if mpu.get_model_parallel_world_size() > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=mpu.get_model_parallel_group())
+        total = total.pow(1.0 / 2.0)
+        dp_group = mpu.get_data_parallel_group()
+        if dist.get_world_size(dp_group) > 1:  # an average of equal norms (DeepSpeed's, for MoE parameters)
+            total = total * 1.0 / float(dist.get_world_size(dp_group))
+            dist.all_reduce(total, group=dp_group)
+        total = total.to(device)
+        coef = torch.min(
+            torch.tensor([1.0], device=device), torch.tensor([float(max_norm)], device=device) / (total + 1e-6)
+        )
+        torch._foreach_mul_([p.grad for p in params], coef.reshape(()))
+        clip.last = total
+        return total
 
-        clip._shardforge_records, clip.last = True, None
-        ds_engine.clip_grad_norm_ = clip
-    return ds_engine.clip_grad_norm_
+    clip._shardforge, clip.last = True, None
+    ds_engine.clip_grad_norm_ = clip
+    return clip
 
 
 def sum_sequence_parallel_grads(model: nn.Module, layout: Layout) -> int:
@@ -213,19 +216,21 @@ class PlainEngine(Engine):
     def __init__(self, ds_engine, layout: Layout, loss_fn):
         super().__init__(ds_engine, layout, loss_fn)
         self._ok: torch.Tensor | None = None  # on the device: every micro-batch so far was finite on every rank
+        self._all_finite = False  # the same, read on the host: CPU runs only
         self._norm: torch.Tensor | None = None  # ZeRO-0's global gradient norm of the last step, on the device
         clips = layout.zero_stage == 0 and self.ds.gradient_clipping() > 0
         if layout.zero_stage == 0 and layout.dp == 1:
             self.ds.enable_backward_allreduce = False  # averaging over one rank: a flatten, copy and unflatten
-        self._clip = recorded_clip_norm() if clips else None
+        self._clip = install_clip_norm() if clips else None
         if layout.zero_stage < 3:
             for p in self.ds.module.parameters():
                 if p.requires_grad:
                     p.register_hook(self._mask_grad)  # runs before DeepSpeed's accumulation hooks
 
     def _mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        """Zero a gradient once any rank's loss in this step was not finite (no host synchronization)."""
-        if self._ok is None:
+        """Zero a gradient once any rank's loss in this step was not finite (no host synchronization on a GPU; on
+        the CPU reading the flag costs nothing, and a step whose losses were all finite skips the masking)."""
+        if self._ok is None or self._all_finite:
             return grad
         return torch.where(self._ok, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
 
@@ -243,6 +248,7 @@ class PlainEngine(Engine):
         skipped step. Under ZeRO-3 (partitioned parameters) and with PP > 1 the step is applied and only counted."""
         self.ds.train()
         device, guard = self.layout.device, self.layout.zero_stage < 3
+        on_host = device.type == "cpu"
         total = torch.zeros((), device=device)
         skipped = False
         self._ok = torch.ones((), dtype=torch.bool, device=device) if guard else None
@@ -251,6 +257,7 @@ class PlainEngine(Engine):
                 loss = self.loss_fn(*self._forward(tokens))
                 if guard:
                     self._ok = self._ok & self._finite_everywhere(loss)
+                    self._all_finite = on_host and bool(self._ok)
                 self.ds.backward(loss)
                 if i == len(micro_batches) - 1:
                     skipped = guard and not bool(self._ok)  # the step's one host read of the flag
@@ -263,7 +270,7 @@ class PlainEngine(Engine):
                     self._norm = self._clip.last  # the norm DeepSpeed's clip computed in this step
                 total += loss.detach().float()
         finally:
-            self._ok = None
+            self._ok, self._all_finite = None, False
         return float("nan") if skipped else self._dp_mean(total / len(micro_batches))
 
     def _finite_everywhere(self, loss: torch.Tensor) -> torch.Tensor:
@@ -354,7 +361,7 @@ def build_engine(parts: ModelParts, layout: Layout, cfg: RunConfig, build_optimi
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     if layout.zero_stage == 0:
-        _patch_pipeline_clip_norm()
+        install_clip_norm()
     topo = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
     model = PipelineModule(
         layers=[LayerSpec(cls, *args) for cls, args in parts.specs],

@@ -73,3 +73,19 @@ def test_a_signal_to_the_spawner_reaches_every_rank(tmp_path):
 
     threading.Thread(target=signal_when_ready, daemon=True).start()
     assert _group(tmp_path, "usr1", "usr1") == 75 and _slept(tmp_path, 2) == []
+
+
+def test_the_rendezvous_port_is_free_and_one_the_kernel_never_hands_out_itself():
+    """Below the ephemeral range (a port from bind(0) can be handed to another process's connection before the
+    rank binds it: seen as a failed start when two tests ran side by side)."""
+    import socket
+    from pathlib import Path
+
+    from core.net import free_port
+
+    ephemeral_start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(20)]
+    assert len(ports) == 20 and all(1024 < p < ephemeral_start for p in ports), (ports, ephemeral_start)
+    assert len(set(ports)) > 1  # drawn at random, not a fixed port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[0]))  # free indeed
