@@ -6,11 +6,8 @@ biases, learned positions, tied embeddings, AdamW with weight decay on matrices,
 written here, self-contained: one fused qkv Linear, torch's SDPA, AdamW (fused where available), random windows of
 a token array per step as nanoGPT's ``get_batch`` takes them.
 
-Paired steps: this machine's speed drifts by up to 30% between runs of a minute, more than the difference measured.
-So a worker process runs `shardforge train` (``python -m launcher.train``, its supervisor included) with one plain
-loop step after each of its steps: both see the same machine at the same moment, with the same threads. A
-shardforge step is the wall time from one step's start to the next's (data, step, callbacks: logging, TensorBoard,
-the preemption check, the heartbeat) less the plain step run inside it; a plain step includes its ``get_batch``.
+Paired steps (bench/paired.py): a plain loop step after each `shardforge train` step, in the same process, so both
+see the same machine at the same moment; a plain step includes its ``get_batch``.
 
 Usage: python bench/bench_step_overhead.py [--steps 300]. Writes bench/results/step_overhead.json.
 """
@@ -18,21 +15,16 @@ Usage: python bench/bench_step_overhead.py [--steps 300]. Writes bench/results/s
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import runpy
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import LAUNCHER_VARS, shardforge, write_result  # noqa: E402
+from bench import paired  # noqa: E402
+from bench.common import shardforge, write_result  # noqa: E402
 
 VOCAB, SEQ, BATCH, LAYERS, HEADS, HIDDEN = 512, 64, 12, 4, 4, 128
 WARMUP = 20  # steps left out of the medians (allocator and thread pools settle)
@@ -65,8 +57,9 @@ SHAPE = [
 ]
 
 
-def plain_loop():
-    """nanoGPT's model and loop, reduced to what this shape uses: returns a function that runs one step."""
+def plain_loop(train_args: list[str] | None = None):
+    """nanoGPT's model and loop, reduced to what this shape uses: returns a function that runs one step (the
+    shape is this file's; ``train_args`` are not read)."""
     import numpy as np
     import torch
     from torch import nn
@@ -140,67 +133,29 @@ def plain_loop():
     return step
 
 
-def worker(out: Path, train_args: list[str]) -> None:
-    """`python -m launcher.train` with a plain step after each of its steps; writes both step times to ``out``."""
-    from training.trainer import Trainer
-
-    original, times = Trainer.train_one_step, {"shardforge": [], "plain": []}
-    last = {"start": None, "plain": 0.0, "step": None}  # the plain loop is built in the rank (after the fork)
-
-    def paired(trainer: Trainer):
-        now = time.perf_counter()
-        if last["start"] is not None:
-            times["shardforge"].append(now - last["start"] - last["plain"])
-        last["start"] = now
-        metrics = original(trainer)
-        if last["step"] is None:
-            last["step"] = plain_loop()
-        t0 = time.perf_counter()
-        last["step"]()
-        last["plain"] = time.perf_counter() - t0
-        times["plain"].append(last["plain"])
-        if trainer.state.step == trainer.max_steps:
-            out.write_text(json.dumps(times))
-        return metrics
-
-    Trainer.train_one_step = paired
-    sys.argv = ["launcher.train", *train_args]
-    runpy.run_module("launcher.train", run_name="__main__", alter_sys=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.worker:
-        return worker(Path(args.worker[0]), args.worker[1:])
     with tempfile.TemporaryDirectory() as tmp:
         over = [f"run_dir={tmp}/run", f"data.output_dir={tmp}/data", *SHAPE]
         shardforge("data", "prepare", "-c", "configs/tiny.yaml", *over)
-        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS} | {"DS_ACCELERATOR": "cpu"}
-        out = Path(tmp) / "times.json"
-        cmd = [sys.executable, __file__, "--worker", str(out), "-c", "configs/tiny.yaml", *over]
-        subprocess.run([*cmd, f"train.max_steps={args.steps}"], cwd=REPO, env=env, check=True, capture_output=True)
-        times = json.loads(out.read_text())
-    sf, plain = (times[k][WARMUP:] for k in ("shardforge", "plain"))
-    n = min(len(sf), len(plain))
-    ratios = [p / s for s, p in zip(sf[:n], plain[:n])]
-    med = lambda xs: round(statistics.median(xs) * 1000, 2)  # noqa: E731
+        times = paired.run("bench.bench_step_overhead:plain_loop", ["-c", "configs/tiny.yaml", *over], args.steps)
+    s = paired.summary(times, WARMUP)
     write_result(
         "step_overhead",
         {
             "model": f"GPT {LAYERS} layers, hidden {HIDDEN}, {HEADS} heads, GELU, LayerNorm, learned positions, tied "
             f"embeddings, vocab {VOCAB}, context {SEQ}, batch {BATCH}, fp32, AdamW, clip 1.0",
             "steps": args.steps,
-            "paired_steps": n,
-            "shardforge_ms_per_step": med(sf),
-            "plain_loop_ms_per_step": med(plain),
-            "shardforge_tokens_per_s_vs_plain": round(statistics.median(ratios), 3),
-            "ratio_quartiles": [round(q, 3) for q in statistics.quantiles(ratios, n=4)],
-            "notes": f"paired steps in one process (a plain step after each shardforge step), medians after {WARMUP} "
-            "warm-up steps; the ratio is the median of the per-step ratios plain/shardforge; a shardforge step "
-            "includes its data wait and callbacks, a plain step its get_batch; every core",
+            "paired_steps": s["paired_steps"],
+            "shardforge_ms_per_step": s["shardforge_ms"],
+            "plain_loop_ms_per_step": s["other_ms"],
+            "shardforge_tokens_per_s_vs_plain": s["ratio"],
+            "ratio_quartiles": s["ratio_quartiles"],
+            "notes": f"paired steps in one process (bench/paired.py: a plain step after each shardforge step), "
+            f"medians after {WARMUP} warm-up steps; the ratio is the median of the per-step ratios plain/shardforge; "
+            "a shardforge step includes its data wait and callbacks, a plain step its get_batch; every core",
         },
     )
 
