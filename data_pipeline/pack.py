@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import multiprocessing as mp
+import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ def encode_sample(tokens: np.ndarray) -> bytes:
 
 def _init_worker(model_bytes: bytes) -> None:
     import sentencepiece as spm
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler (a rank's flag): terminate() must kill
 
     global _WORKER_SP
     _WORKER_SP = spm.SentencePieceProcessor(model_proto=model_bytes)
@@ -78,7 +81,10 @@ class EncoderPool:
 
     def __exit__(self, *exc) -> None:
         if self._pool is not None:
-            self._pool.terminate()
+            if exc[0] is None:
+                self._pool.close()  # workers leave on their own; terminate() alone is for errors
+            else:
+                self._pool.terminate()
             self._pool.join()
 
     def encode(self, texts: Iterable[str]) -> Iterator[np.ndarray]:

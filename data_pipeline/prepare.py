@@ -15,6 +15,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -162,8 +163,14 @@ def _run_maps(cfg: RunConfig, tmp: Path, groups: list, fractions: tuple) -> None
         for a in args:
             stages.run_map(*a)
         return
-    with mp.get_context("fork").Pool(workers) as pool:
+    # workers with SIGTERM's default action (a forked copy of a Python handler that only sets a flag, such as a
+    # rank's, would leave terminate() waiting on them forever), closed and joined when done
+    with mp.get_context("fork").Pool(
+        workers, initializer=signal.signal, initargs=(signal.SIGTERM, signal.SIG_DFL)
+    ) as pool:
         pool.starmap(stages.run_map, args)
+        pool.close()
+        pool.join()
 
 
 def _build(cfg: RunConfig, work: Path, fingerprint: str) -> dict:
