@@ -24,7 +24,8 @@ def free_port() -> int:
     it never gives out these on its own."""
     top = _ephemeral_start()
     rng = random.SystemRandom()  # not the seeded module state: two processes must not draw the same sequence
-    for _ in range(64) if top - LOWEST > 1000 else ():
+    tries = 64 if top - LOWEST > 1000 else 0  # a kernel whose ephemeral range starts low: bind(0) alone
+    for _ in range(tries):
         port = rng.randrange(LOWEST, top)
         with socket.socket() as s:
             try:

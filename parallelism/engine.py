@@ -216,7 +216,7 @@ class PlainEngine(Engine):
     def __init__(self, ds_engine, layout: Layout, loss_fn):
         super().__init__(ds_engine, layout, loss_fn)
         self._ok: torch.Tensor | None = None  # on the device: every micro-batch so far was finite on every rank
-        self._all_finite = False  # the same, read on the host: CPU runs only
+        self._on_cpu = layout.device.type == "cpu"  # where reading the flag on the host costs nothing
         self._norm: torch.Tensor | None = None  # ZeRO-0's global gradient norm of the last step, on the device
         clips = layout.zero_stage == 0 and self.ds.gradient_clipping() > 0
         if layout.zero_stage == 0 and layout.dp == 1:
@@ -230,7 +230,7 @@ class PlainEngine(Engine):
     def _mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
         """Zero a gradient once any rank's loss in this step was not finite (no host synchronization on a GPU; on
         the CPU reading the flag costs nothing, and a step whose losses were all finite skips the masking)."""
-        if self._ok is None or self._all_finite:
+        if self._ok is None or (self._on_cpu and bool(self._ok)):
             return grad
         return torch.where(self._ok, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
 
@@ -248,7 +248,6 @@ class PlainEngine(Engine):
         skipped step. Under ZeRO-3 (partitioned parameters) and with PP > 1 the step is applied and only counted."""
         self.ds.train()
         device, guard = self.layout.device, self.layout.zero_stage < 3
-        on_host = device.type == "cpu"
         total = torch.zeros((), device=device)
         skipped = False
         self._ok = torch.ones((), dtype=torch.bool, device=device) if guard else None
@@ -257,7 +256,6 @@ class PlainEngine(Engine):
                 loss = self.loss_fn(*self._forward(tokens))
                 if guard:
                     self._ok = self._ok & self._finite_everywhere(loss)
-                    self._all_finite = on_host and bool(self._ok)
                 self.ds.backward(loss)
                 if i == len(micro_batches) - 1:
                     skipped = guard and not bool(self._ok)  # the step's one host read of the flag
@@ -270,7 +268,7 @@ class PlainEngine(Engine):
                     self._norm = self._clip.last  # the norm DeepSpeed's clip computed in this step
                 total += loss.detach().float()
         finally:
-            self._ok, self._all_finite = None, False
+            self._ok = None
         return float("nan") if skipped else self._dp_mean(total / len(micro_batches))
 
     def _finite_everywhere(self, loss: torch.Tensor) -> torch.Tensor:
