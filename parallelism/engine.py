@@ -217,11 +217,15 @@ class PlainEngine(Engine):
         super().__init__(ds_engine, layout, loss_fn)
         self._ok: torch.Tensor | None = None  # on the device: every micro-batch so far was finite on every rank
         self._on_cpu = layout.device.type == "cpu"  # where reading the flag on the host costs nothing
+        self._masking = False  # the hooks mask: always on a GPU (device flag), on the CPU once a loss was not finite
         self._norm: torch.Tensor | None = None  # ZeRO-0's global gradient norm of the last step, on the device
         clips = layout.zero_stage == 0 and self.ds.gradient_clipping() > 0
         if layout.zero_stage == 0 and layout.dp == 1:
             self.ds.enable_backward_allreduce = False  # averaging over one rank: a flatten, copy and unflatten
         self._clip = install_clip_norm() if clips else None
+        if layout.zero_stage == 0 and not (self.ds.bfloat16_enabled() or self.ds.fp16_enabled()):
+            fixed = FixedParams(self.ds, self._clip)  # where DeepSpeed calls them
+            self.ds.zero_grad, self.ds.clip_fp32_gradients = fixed.zero_grad, fixed.clip_fp32_gradients
         if layout.zero_stage < 3:
             for p in self.ds.module.parameters():
                 if p.requires_grad:
@@ -230,7 +234,7 @@ class PlainEngine(Engine):
     def _mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
         """Zero a gradient once any rank's loss in this step was not finite (no host synchronization on a GPU; on
         the CPU reading the flag costs nothing, and a step whose losses were all finite skips the masking)."""
-        if self._ok is None or (self._on_cpu and bool(self._ok)):
+        if not self._masking:
             return grad
         return torch.where(self._ok, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
 
@@ -246,7 +250,8 @@ class PlainEngine(Engine):
         runs with lr 0, so the weights are unchanged (AdamW's moments still absorb the finite micro-batches'
         gradients). The finiteness flag lives on the device; the host reads it once per step. Returns NaN for a
         skipped step. Under ZeRO-3 (partitioned parameters) and with PP > 1 the step is applied and only counted."""
-        self.ds.train()
+        if not self.ds.module.training:  # module.train() walks every submodule: only after an evaluation
+            self.ds.train()
         device, guard = self.layout.device, self.layout.zero_stage < 3
         total = torch.zeros((), device=device)
         skipped = False
@@ -256,6 +261,7 @@ class PlainEngine(Engine):
                 loss = self.loss_fn(*self._forward(tokens))
                 if guard:
                     self._ok = self._ok & self._finite_everywhere(loss)
+                    self._masking = not self._on_cpu or not bool(self._ok)  # one read a micro-batch, on the CPU
                 self.ds.backward(loss)
                 if i == len(micro_batches) - 1:
                     skipped = guard and not bool(self._ok)  # the step's one host read of the flag
@@ -268,7 +274,7 @@ class PlainEngine(Engine):
                     self._norm = self._clip.last  # the norm DeepSpeed's clip computed in this step
                 total += loss.detach().float()
         finally:
-            self._ok = None
+            self._ok, self._masking = None, False
         return float("nan") if skipped else self._dp_mean(total / len(micro_batches))
 
     def _finite_everywhere(self, loss: torch.Tensor) -> torch.Tensor:
@@ -312,6 +318,22 @@ class PlainEngine(Engine):
         for tokens in micro_batches:
             total += self.loss_fn(*self._forward(tokens)).float()
         return self._dp_mean(total / len(micro_batches))
+
+
+class FixedParams:
+    """DeepSpeed's fp32 ZeRO-0 ``zero_grad`` (every gradient set to None) and ``clip_fp32_gradients`` over a list of
+    the parameters made once: DeepSpeed walks ``module.parameters()`` for each, on every step."""
+
+    def __init__(self, ds_engine, clip):
+        self.ds, self.clip = ds_engine, clip
+        self.params = list(ds_engine.module.parameters())
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def clip_fp32_gradients(self) -> None:
+        self.clip(self.params, max_norm=self.ds.gradient_clipping(), mpu=self.ds.mpu)
 
 
 def inputs_and_labels(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

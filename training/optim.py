@@ -23,12 +23,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
-    # foreach: one kernel per operation over all tensors (torch picks it on GPUs itself; on the CPU it would loop
-    # per tensor, 20-25% slower on a small model's step)
+    # Adam(W): torch's fused kernel (one pass over each tensor for the whole update, on CPU and GPU; a quarter of
+    # the foreach version's time on a small model's CPU step). Others: foreach, one kernel per operation over all
+    # tensors (torch picks it on GPUs itself; on the CPU it would loop per tensor, 20-25% slower).
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
     if cfg.name == "adam":  # L2-style decay folded into the gradient, as torch's Adam does
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
     return torch.optim.RMSprop(groups, lr=cfg.lr, eps=cfg.eps, momentum=cfg.momentum, foreach=True)

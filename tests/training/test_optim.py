@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from core.config import OptimConfig
+from training.checkpoint.canonical import step_tensor
 from training.optim import WarmupDecaySchedule, build_optimizer, lr_at, param_groups
 
 
@@ -65,3 +66,15 @@ def test_each_optimizer_reduces_a_simple_loss(name, cls):
         loss.backward()
         opt.step()
     assert loss.item() < 0.8 * first
+
+
+def test_adam_variants_use_torchs_fused_kernel_and_keep_its_step_where_it_reads_it():
+    model = torch.nn.Linear(4, 4)
+    for name in ("adamw", "adam"):
+        opt = build_optimizer(model, OptimConfig(name=name))
+        assert all(g["fused"] for g in opt.param_groups) and len(opt.param_groups) == 2
+    assert not build_optimizer(model, OptimConfig(name="sgd")).param_groups[0].get("fused")
+    on_meta = torch.empty(3, device="meta")  # stands for an accelerator: torch keeps a fused step beside the weight
+    fused, plain = step_tensor({"fused": True}, on_meta, 7), step_tensor({"foreach": True}, on_meta, 7)
+    assert (fused.device.type, fused.dtype) == ("meta", torch.float32)
+    assert (plain.device.type, plain.dtype, plain.item()) == ("cpu", torch.float32, 7.0)

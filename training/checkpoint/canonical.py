@@ -97,6 +97,13 @@ def set_value(p, ds_engine, key: str | None, value: torch.Tensor) -> None:
         _base_optimizer(ds_engine).state.setdefault(p, {})[key] = value.clone()
 
 
+def step_tensor(group: dict, p: torch.Tensor, step: int) -> torch.Tensor:
+    """An optimizer's ``step`` state where torch keeps it: on the parameter's device for fused (and capturable)
+    optimizers, whose kernels read it there, on the host otherwise."""
+    on_device = group.get("fused") or group.get("capturable")
+    return torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu")
+
+
 def prepare_optimizer_states(ds_engine, optimizer_name: str) -> None:
     """Make every optimizer state exist and be linked to its parameters before gathering or setting them.
 
@@ -108,7 +115,7 @@ def prepare_optimizer_states(ds_engine, optimizer_name: str) -> None:
         for p in group["params"]:
             state = opt.state[p]
             if not state:
-                state["step"] = torch.tensor(0.0)
+                state["step"] = step_tensor(group, p, 0)
                 for key in OPTIMIZER_KEYS[optimizer_name]:
                     state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
     zero_opt = ds_engine.optimizer
@@ -130,7 +137,7 @@ def set_optimizer_step_count(ds_engine, step: int) -> None:
         for p in group["params"]:
             state = opt.state.setdefault(p, {})
             if state or step:
-                state["step"] = torch.tensor(float(step))
+                state["step"] = step_tensor(group, p, step)
 
 
 class CanonicalReader:

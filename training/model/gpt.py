@@ -96,8 +96,8 @@ class SequenceParallelNorm:
 
 def layer_spec(normalization: str, sequence_parallel: bool = False, attention: str = "sdpa"):
     """The transformer-layer spec: Transformer Engine's when installed with a GPU, else megatron's local one
-    (with sequence-parallel-capable norms when asked, and torch SDPA as core attention unless
-    ``attention="megatron"``)."""
+    (its linear layers native at one TP rank: ``training.model.linear``; sequence-parallel-capable norms when
+    asked; torch SDPA as core attention unless ``attention="megatron"``)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if torch.cuda.is_available():
@@ -107,7 +107,11 @@ def layer_spec(normalization: str, sequence_parallel: bool = False, attention: s
             return specs.get_gpt_layer_with_transformer_engine_spec()
         except ImportError:
             pass
+    from training.model.linear import ColumnLinear, RowLinear
+
     spec = specs.get_gpt_layer_local_spec(normalization=normalization)
+    attn, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+    attn.linear_qkv, attn.linear_proj, mlp.linear_fc1, mlp.linear_fc2 = ColumnLinear, RowLinear, ColumnLinear, RowLinear
     if attention == "sdpa":
         from training.model.attention import SDPACoreAttention
 
@@ -194,9 +198,9 @@ class OutputHead(nn.Module):
 
     def __init__(self, config, m: ModelConfig, vocab: int, tied_to: EmbeddingStage | None = None):
         super().__init__()
-        from megatron.core import tensor_parallel
+        from training.model.linear import ColumnLinear
 
-        self.output_layer = tensor_parallel.ColumnParallelLinear(
+        self.output_layer = ColumnLinear(
             m.hidden_size,
             vocab,
             config=config,

@@ -1,0 +1,83 @@
+"""Test helper, one process: megatron's parallel linears beside Shardforge's (training.model.linear) at one TP rank,
+the same weights and input; prints JSON: per case the largest differences of the output, the input gradient and the
+parameter gradients, each layer's autograd node and ``native`` flag; and the decoder's linear layers."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+from core.config import ModelConfig, ParallelConfig
+from parallelism.layout import init_distributed, shutdown
+from training.model.gpt import build_sequential, gpt_layer_specs, transformer_config
+from training.model.linear import ColumnLinear, RowLinear
+
+CASES = {  # name: (ours, megatron's, bias, skip_bias_add)
+    "column_bias": (ColumnLinear, ColumnParallelLinear, True, False),  # linear_qkv with model.bias=true
+    "column": (ColumnLinear, ColumnParallelLinear, False, False),  # linear_fc1, the output head
+    "row_skip_bias": (RowLinear, RowParallelLinear, True, True),  # linear_proj, linear_fc2 (bias-dropout-add)
+}
+
+
+def pair(ours_cls, megatron_cls, bias: bool, skip_bias_add: bool):
+    config = transformer_config(ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2), tp=1)
+    kwargs = dict(config=config, init_method=torch.nn.init.zeros_, bias=bias, skip_bias_add=skip_bias_add)
+    kwargs |= {"gather_output": False} if megatron_cls is ColumnParallelLinear else {"input_is_parallel": True}
+    ours, theirs = ours_cls(24, 40, **kwargs), megatron_cls(24, 40, **kwargs)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p, q in zip(ours.parameters(), theirs.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g))
+            q.copy_(p)
+    return ours, theirs
+
+
+def run(layer, x: torch.Tensor, weight=None) -> dict:
+    x = x.clone().requires_grad_(True)
+    out, out_bias = layer(x) if weight is None else layer(x, weight=weight)
+    (out.square().sum() + (out_bias.sum() if out_bias is not None else 0)).backward()
+    grads = [p.grad for p in layer.parameters() if p.grad is not None] + ([weight.grad] if weight is not None else [])
+    return {"out": out, "dx": x.grad, "grads": grads, "fn": type(out.grad_fn).__name__, "bias_out": out_bias}
+
+
+def compare(ours, theirs, weight=None) -> dict:
+    x = torch.randn(7, 3, 24, generator=torch.Generator().manual_seed(5))
+    w2 = None if weight is None else weight.detach().clone().requires_grad_(True)
+    a, b = run(ours, x, weight), run(theirs, x, w2)
+    return {
+        "native": bool(ours.native),
+        "fn": a["fn"],
+        "megatron_fn": b["fn"],
+        "shape": list(a["out"].shape),
+        "bias_returned": a["bias_out"] is not None,
+        "out": (a["out"] - b["out"]).abs().max().item(),
+        "out_scale": b["out"].abs().max().item(),
+        "dx": (a["dx"] - b["dx"]).abs().max().item(),
+        "grads": [(g - h).abs().max().item() for g, h in zip(a["grads"], b["grads"])],
+    }
+
+
+def main() -> None:
+    init_distributed(ParallelConfig())
+    try:
+        out = {name: compare(*pair(*case)) for name, case in CASES.items()}
+        tied = torch.randn(40, 24, generator=torch.Generator().manual_seed(7)).requires_grad_(True)
+        ours, theirs = pair(ColumnLinear, ColumnParallelLinear, False, False)
+        out["tied"] = compare(ours, theirs, weight=tied)
+        m = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4)
+        model = build_sequential(gpt_layer_specs(m, 200, 16, 1), tie_embeddings=True)
+        kinds = (ColumnParallelLinear, RowParallelLinear)
+        out["decoder"] = sorted(
+            [n.rsplit(".", 1)[-1], type(mod).__name__, bool(mod.native)]
+            for n, mod in model.named_modules()
+            if isinstance(mod, kinds)
+        )
+        print(json.dumps(out))
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()
