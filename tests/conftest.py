@@ -77,6 +77,27 @@ def quickstart_config():
 TRAIN_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
+def run_ranks(worker: Path, *args: str, world: int = 2, timeout: float = 300) -> list[str]:
+    """Start ``world`` real ranks of a worker script (rank variables and a free rendezvous port set), wait for
+    them, and assert each exited 0; returns each rank's stderr."""
+    from core.net import free_port
+
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, **TRAIN_ENV, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, str(worker), *args], cwd=REPO, env=env, stderr=subprocess.PIPE,
+                                      text=True))  # fmt: skip
+    try:
+        errors = [p.communicate(timeout=timeout)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0] * world, [e[-2000:] for e in errors]
+    return errors
+
+
 def layout_args(tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 0) -> list[str]:
     """Overrides for a (TP, PP, DP, ZeRO) layout."""
     return [f"parallel.nproc={tp * pp * dp}", f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.zero_stage={zero}"]

@@ -5,29 +5,12 @@ with lr 0), so the weights stay bitwise as they were; the next finite step train
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-from conftest import REPO, TRAIN_ENV
-
-from core.net import free_port
+from conftest import REPO, run_ranks
 
 
 def test_a_non_finite_micro_batch_on_one_rank_skips_the_step_everywhere(tmp_path):
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, **TRAIN_ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
-        worker = [sys.executable, str(REPO / "tests" / "parallelism" / "guard_worker.py"), str(tmp_path)]
-        procs.append(subprocess.Popen(worker, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True))
-    try:
-        errors = [p.communicate(timeout=300)[1] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errors]
+    run_ranks(REPO / "tests" / "parallelism" / "guard_worker.py", str(tmp_path))
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for report in reports:
         assert len(report) == 3
