@@ -10,7 +10,7 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from core.config import ModelConfig, ParallelConfig
-from parallelism.layout import init_distributed, shutdown
+from parallelism.layout import init_distributed, seed_all, shutdown
 from training.model.gpt import build_sequential, gpt_layer_specs, transformer_config
 from training.model.linear import ColumnLinear, RowLinear
 
@@ -59,6 +59,37 @@ def compare(ours, theirs, weight=None) -> dict:
     }
 
 
+def decoder_layer_paths() -> dict:
+    """A DecoderLayer (biases, RoPE, dropout 0.1, training) through its own sublayer calls and through megatron's
+    TransformerLayer.forward: the largest differences of output, input gradient and parameter gradients."""
+    from training.model.gpt import DecoderLayer
+
+    m = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, bias=True, dropout=0.1)
+    layer = DecoderLayer(transformer_config(m, tp=1), m, 0)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    x = torch.randn(9, 2, 32, generator=g)
+    runs = []
+    for direct, seed in ((True, 5), (False, 5), (True, 6)):
+        layer.direct = direct
+        layer.zero_grad()
+        seed_all(seed)  # the same dropout masks (torch and megatron generators) if both draw them in the same order
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi)
+        out.square().sum().backward()
+        runs.append((out.detach(), xi.grad, [p.grad.clone() for p in layer.parameters()]))
+    (a, da, ga), (b, db, gb), (other_seed, _, _) = runs
+    return {
+        "out": (a - b).abs().max().item(),
+        "dx": (da - db).abs().max().item(),
+        "grads": [(u - v).abs().max().item() for u, v in zip(ga, gb)],
+        "other_masks": (a - other_seed).abs().max().item(),  # dropout is active: other masks, other outputs
+        "scale": b.abs().max().item(),
+    }
+
+
 def main() -> None:
     init_distributed(ParallelConfig())
     try:
@@ -74,6 +105,7 @@ def main() -> None:
             for n, mod in model.named_modules()
             if isinstance(mod, kinds)
         )
+        out["decoder_layer"] = decoder_layer_paths()
         print(json.dumps(out))
     finally:
         shutdown()

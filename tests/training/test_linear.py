@@ -43,3 +43,12 @@ def test_the_decoder_builds_every_linear_native_at_one_rank(compared):
     assert sorted({name for name, _, _ in layers}) == ["linear_fc1", "linear_fc2", "linear_proj", "linear_qkv",
                                                        "output_layer"]  # fmt: skip
     assert all(cls in ("ColumnLinear", "RowLinear") and native for _, cls, native in layers)
+
+
+def test_the_decoder_layer_calls_megatrons_sublayers_with_the_same_numbers(compared):
+    """Biases, RoPE, dropout 0.1 in training: the layer's direct sublayer calls and megatron's TransformerLayer.forward
+    draw the same dropout masks and give bitwise the same output and gradients."""
+    c = compared["decoder_layer"]
+    assert c["other_masks"] > 1e-3 and c["scale"] > 0.1  # dropout draws masks: another seed, another output
+    assert c["out"] == 0.0 and c["dx"] == 0.0
+    assert len(c["grads"]) == 10 and max(c["grads"]) == 0.0  # qkv, proj, fc1, fc2 weights and biases; two norms
