@@ -153,7 +153,8 @@ def main() -> None:
             "plain_loop_ms_per_step": s["other_ms"],
             "shardforge_tokens_per_s_vs_plain": s["ratio"],
             "ratio_quartiles": s["ratio_quartiles"],
-            "notes": f"paired steps in one process (bench/paired.py: a plain step after each shardforge step), "
+            "notes": f"paired steps in one process (bench/paired.py: a plain step after each shardforge step, before it "
+            "every other step), "
             f"medians after {WARMUP} warm-up steps; the ratio is the median of the per-step ratios plain/shardforge; "
             "a shardforge step includes its data wait and callbacks, a plain step its get_batch; every core",
         },

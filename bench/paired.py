@@ -5,7 +5,8 @@ This machine's speed drifts by up to 30% between runs a minute apart, more than 
 loops timed in separate runs compare the machine's moments more than the loops. Paired, both see the same machine,
 the same threads and the same memory. A shardforge step is the wall time from the start of one of its steps to the
 start of the next (data, step, callbacks: logging, TensorBoard, the preemption check, the heartbeat) less the other
-loop's step run inside it. The other loop is built in the rank, after the supervisor's fork, by
+loop's step run inside it; the other loop's step runs after shardforge's on even steps and before it on odd ones
+(so neither always inherits the other's caches and freed memory). The other loop is built in the rank, after the supervisor's fork, by
 ``factory(train_args)`` (``"module:function"``), which returns a function running one step.
 
 Usage (by the benchmarks): ``run("bench.bench_train:bare_loop", train_args, steps)``.
@@ -64,18 +65,24 @@ def worker(out: Path, factory: str, train_args: list[str]) -> None:
     original, times = Trainer.train_one_step, {"shardforge": [], "other": []}
     state = {"start": None, "other": 0.0, "step": None}
 
+    def other_step() -> float:
+        t0 = time.perf_counter()
+        state["step"]()
+        times["other"].append(time.perf_counter() - t0)
+        return times["other"][-1]
+
     def paired(trainer: Trainer):
         now = time.perf_counter()
         if state["start"] is not None:
             times["shardforge"].append(now - state["start"] - state["other"])
         state["start"] = now
+        before = state["step"] is not None and trainer.state.step % 2 == 1  # the other loop first every other step
+        state["other"] = other_step() if before else 0.0
         metrics = original(trainer)
         if state["step"] is None:
             state["step"] = make_step(train_args)  # in the rank: after the fork, with its process groups
-        t0 = time.perf_counter()
-        state["step"]()
-        state["other"] = time.perf_counter() - t0
-        times["other"].append(state["other"])
+        if not before:
+            state["other"] = other_step()
         if trainer.state.step == trainer.max_steps:
             out.write_text(json.dumps(times))
         return metrics
