@@ -153,9 +153,9 @@ def main() -> None:
             "plain_loop_ms_per_step": s["other_ms"],
             "shardforge_tokens_per_s_vs_plain": s["ratio"],
             "ratio_quartiles": s["ratio_quartiles"],
-            "notes": f"paired steps in one process (bench/paired.py: a plain step after each shardforge step, before it "
-            "every other step), "
-            f"medians after {WARMUP} warm-up steps; the ratio is the median of the per-step ratios plain/shardforge; "
+            "notes": "paired steps in one process (bench/paired.py: a plain step after each shardforge step, before "
+            f"it every other step), medians after {WARMUP} warm-up steps; the ratio is the median of the per-step "
+            "ratios plain/shardforge; "
             "a shardforge step includes its data wait and callbacks, a plain step its get_batch; every core",
         },
     )

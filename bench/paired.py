@@ -6,8 +6,8 @@ loops timed in separate runs compare the machine's moments more than the loops. 
 the same threads and the same memory. A shardforge step is the wall time from the start of one of its steps to the
 start of the next (data, step, callbacks: logging, TensorBoard, the preemption check, the heartbeat) less the other
 loop's step run inside it; the other loop's step runs after shardforge's on even steps and before it on odd ones
-(so neither always inherits the other's caches and freed memory). The other loop is built in the rank, after the supervisor's fork, by
-``factory(train_args)`` (``"module:function"``), which returns a function running one step.
+(so neither always inherits the other's caches and freed memory). The other loop is built in the rank, after the
+supervisor's fork, by ``factory(train_args)`` (``"module:function"``), which returns a function running one step.
 
 Usage (by the benchmarks): ``run("bench.bench_train:bare_loop", train_args, steps)``.
 """
