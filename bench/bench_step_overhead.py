@@ -6,8 +6,9 @@ biases, learned positions, tied embeddings, AdamW with weight decay on matrices,
 written here, self-contained: one fused qkv Linear, torch's SDPA, AdamW (fused where available), random windows of
 a token array per step as nanoGPT's ``get_batch`` takes them.
 
-Paired steps (bench/paired.py): a plain loop step after each `shardforge train` step, in the same process, so both
-see the same machine at the same moment; a plain step includes its ``get_batch``.
+Paired steps (bench/paired.py): a plain loop step beside each `shardforge train` step (after it, every other time
+before it), in the same process, so both see the same machine at the same moment; a plain step includes its
+``get_batch``.
 
 Usage: python bench/bench_step_overhead.py [--steps 300]. Writes bench/results/step_overhead.json.
 """

@@ -1,4 +1,4 @@
-"""Paired step timing: `shardforge train` (one rank) with a step of another training loop after each of its steps,
+"""Paired step timing: `shardforge train` (one rank) with a step of another training loop beside each of its steps,
 in the same process.
 
 This machine's speed drifts by up to 30% between runs a minute apart, more than the differences measured, so two

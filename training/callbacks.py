@@ -6,6 +6,7 @@ Values are written by one rank, the one that holds them: the last pipeline stage
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -16,13 +17,14 @@ import torch
 from training import preemption as heartbeat
 from training.trainer import Callback, StepMetrics, Trainer
 
-_THIS_PROCESS: list[psutil.Process] = []  # made once: psutil.Process() costs more than reading its memory
+
+@functools.lru_cache(maxsize=4)
+def _process(pid: int) -> psutil.Process:
+    return psutil.Process(pid)  # made once per process: creating it costs more than reading its memory
 
 
 def memory_gb() -> dict[str, float]:
-    if not _THIS_PROCESS or _THIS_PROCESS[0].pid != os.getpid():  # a forked child reads its own
-        _THIS_PROCESS[:] = [psutil.Process()]
-    out = {"rss_gb": _THIS_PROCESS[0].memory_info().rss / 2**30}
+    out = {"rss_gb": _process(os.getpid()).memory_info().rss / 2**30}
     if torch.cuda.is_available():
         out["max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return out

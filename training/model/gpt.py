@@ -200,8 +200,8 @@ class DecoderLayer(nn.Module):
         """What ``TransformerLayer.forward`` computes for this model, calling the layer's own submodules in its order:
         norm, self-attention, bias-dropout-add onto the residual; norm, MLP, bias-dropout-add. Skipped: the
         orchestration for what the model does not use (cross-attention, norm and MLP recompute, offloading, CUDA
-        graphs, inference kernels): a fifth of a small model's layer time on the CPU. Same operations, same
-        numbers (bitwise, tests/training/test_linear.py)."""
+        graphs, inference kernels): 0.55 of 40 ms in a forward-backward of four small layers on the CPU. Same
+        operations, same numbers (bitwise, tests/training/test_linear.py)."""
         layer, fused = self.layer, self.layer.config.bias_dropout_fusion
         attn = layer.self_attention(layer.input_layernorm(h), attention_mask=mask, rotary_pos_emb=rope)
         h = layer.self_attn_bda(self.training, fused)(attn, h, layer.hidden_dropout)
