@@ -79,7 +79,8 @@ def install_clip_norm():
     (DeepSpeed keeps it on rank 0 of the whole TP x PP group, dropping later stages' norms from the global norm;
     ZeRO-1/2 already count it per stage); one foreach call per operation instead of a Python loop over parameters
     (with a group lookup per parameter); no collective over a group of one rank. The last global norm, a device
-    tensor, stays in the function's ``last`` (read once per step: DeepSpeed drops it)."""
+    tensor, stays in the function's ``last`` (read once per step: DeepSpeed drops it). ``all_reduce`` lets a caller
+    time the norm's collectives as waits."""
     import deepspeed.runtime.engine as ds_engine
 
     if getattr(ds_engine.clip_grad_norm_, "_shardforge", False):
@@ -89,7 +90,7 @@ def install_clip_norm():
 
     original = ds_engine.clip_grad_norm_
 
-    def clip(parameters, max_norm, norm_type=2, mpu=None):
+    def clip(parameters, max_norm, norm_type=2, mpu=None, all_reduce=dist.all_reduce):
         params = [p for p in parameters if p.grad is not None]
         if float(norm_type) != 2.0 or mpu is None or not params:
             clip.last = original(params, max_norm, norm_type, mpu)
@@ -102,12 +103,12 @@ def install_clip_norm():
         else:
             total = torch.zeros((), device=device)
         if mpu.get_model_parallel_world_size() > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=mpu.get_model_parallel_group())
+            all_reduce(total, op=dist.ReduceOp.SUM, group=mpu.get_model_parallel_group())
         total = total.pow(1.0 / 2.0)
         dp_group = mpu.get_data_parallel_group()
         if dist.get_world_size(dp_group) > 1:  # an average of equal norms (DeepSpeed's, for MoE parameters)
             total = total * 1.0 / float(dist.get_world_size(dp_group))
-            dist.all_reduce(total, group=dp_group)
+            all_reduce(total, group=dp_group)
         total = total.to(device)
         coef = torch.min(
             torch.tensor([1.0], device=device), torch.tensor([float(max_norm)], device=device) / (total + 1e-6)
@@ -224,7 +225,7 @@ class PlainEngine(Engine):
             self.ds.enable_backward_allreduce = False  # averaging over one rank: a flatten, copy and unflatten
         self._clip = install_clip_norm() if clips else None
         if layout.zero_stage == 0 and not (self.ds.bfloat16_enabled() or self.ds.fp16_enabled()):
-            fixed = FixedParams(self.ds, self._clip)  # where DeepSpeed calls them
+            fixed = FixedParams(self.ds, self._clip, self._all_reduce)  # where DeepSpeed calls them
             self.ds.zero_grad, self.ds.clip_fp32_gradients = fixed.zero_grad, fixed.clip_fp32_gradients
         if layout.zero_stage < 3:
             for p in self.ds.module.parameters():
@@ -324,8 +325,8 @@ class FixedParams:
     """DeepSpeed's fp32 ZeRO-0 ``zero_grad`` (every gradient set to None) and ``clip_fp32_gradients`` over a list of
     the parameters made once: DeepSpeed walks ``module.parameters()`` for each, on every step."""
 
-    def __init__(self, ds_engine, clip):
-        self.ds, self.clip = ds_engine, clip
+    def __init__(self, ds_engine, clip, all_reduce: Callable):
+        self.ds, self.clip, self.all_reduce = ds_engine, clip, all_reduce  # all_reduce: the engine's, timed
         self.params = list(ds_engine.module.parameters())
 
     def zero_grad(self) -> None:
@@ -333,7 +334,7 @@ class FixedParams:
             p.grad = None
 
     def clip_fp32_gradients(self) -> None:
-        self.clip(self.params, max_norm=self.ds.gradient_clipping(), mpu=self.ds.mpu)
+        self.clip(self.params, max_norm=self.ds.gradient_clipping(), mpu=self.ds.mpu, all_reduce=self.all_reduce)
 
 
 def inputs_and_labels(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
