@@ -10,13 +10,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from conftest import REPO, assert_same_model_state, layout_args, train_command
 from slurm_helpers import rank_processes, scontrol_job, wait_for
 from test_slurm_jobs import diagnosis, env, release, submit
 
 from launcher.slurm import last_step
+from launcher.supervise import process_state
 
 STEPS = 80
 STEP_TIMEOUT = 5
@@ -37,6 +37,24 @@ def pending_after(run, job: str, restarts: int) -> dict | None:
     info = scontrol_job(job)
     ok = info.get("JobState") == "PENDING" and info.get("Restarts") == str(restarts)
     return info if ok and history(run)[-1][1].startswith(("crashed", "hang")) else None
+
+
+def stop_in_a_step(run, pid: int, reports: str, why, tries: int = 3) -> float:
+    """SIGSTOP ``pid`` until its supervisor reports the hang (``RUN_DIR/hang/<reports>``) within the step timeout;
+    returns when the successful stop began. A stop that lands in a checkpoint save is covered by the phase timeout
+    (900 s), as it should be: the rank is let go (SIGCONT) and stopped again after its next logged step."""
+    logged = lambda: (last_step(run) or (0,))[0]  # noqa: E731
+    for _ in range(tries):
+        stopped = time.time()
+        os.kill(pid, signal.SIGSTOP)
+        while time.time() < stopped + STEP_TIMEOUT + 15:
+            if list((run / "hang").glob(reports)):
+                return stopped
+            time.sleep(0.5)
+        os.kill(pid, signal.SIGCONT)
+        before = logged()
+        wait_for(lambda: logged() > before, "a step after the save", timeout=60, explain=why)  # noqa: B023
+    raise AssertionError(f"no hang report after {tries} stops of rank pid {pid}" + why())
 
 
 def test_a_crash_and_a_hang_are_requeued_on_the_other_node_and_finish_bitwise_equal(slurm_cluster, prepared,
@@ -64,8 +82,7 @@ def test_a_crash_and_a_hang_are_requeued_on_the_other_node_and_finish_bitwise_eq
              timeout=180, explain=why)  # fmt: skip
     second_node = scontrol_job(job)["NodeList"]
     assert second_node != first_node
-    stopped = time.time()
-    os.kill(rank_processes(config)[0], signal.SIGSTOP)
+    stopped = stop_in_a_step(run, rank_processes(config)[0], f"job{job}-r1-rank-*.json", why)
     info = wait_for(lambda: pending_after(run, job, 2), "the requeue after the hang", timeout=120, explain=why)
     assert info["ExcNodeList"] == second_node
     assert history(run)[-1][1].startswith(f"hang: exit 76 on {second_node}; requeued from step_")
@@ -113,11 +130,6 @@ def test_a_crash_before_any_checkpoint_is_not_requeued(slurm_cluster, prepared, 
     assert history(run)[-1][1].endswith("not requeued: no checkpoint since this start")
 
 
-def computing(pid: int) -> bool:
-    """The process's main thread is running or runnable (``R`` in /proc): not blocked in a collective or a sleep."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
-
-
 def test_a_rank_paused_from_outside_is_named_as_the_straggler(slurm_cluster, prepared, tmp_path):
     """2 emulated nodes x 1 rank. From step 10 on, rank 1 is stopped for 100-200 ms, 20-100 ms apart, when it is
     found computing, as a slow device would be (or after 0.3 s without finding it so: a test sharing the CPU can hold
@@ -139,13 +151,13 @@ def test_a_rank_paused_from_outside_is_named_as_the_straggler(slurm_cluster, pre
     jitter, last = random.Random(0), time.monotonic()
     while not (run / "slurm" / "DONE").exists() and time.monotonic() < until:
         try:  # stopped inside a collective, it would hold its peer there too: wait (up to 0.3 s) until it computes
-            if not computing(slow) and time.monotonic() - last < 0.3:
+            if process_state(slow) != "R" and time.monotonic() - last < 0.3:  # R: running or runnable
                 time.sleep(0.002)
                 continue
             os.kill(slow, signal.SIGSTOP)
             time.sleep(jitter.uniform(0.1, 0.2))
             os.kill(slow, signal.SIGCONT)
-        except (ProcessLookupError, FileNotFoundError):  # the rank ended
+        except ProcessLookupError:  # the rank ended
             break
         last = time.monotonic()
         time.sleep(jitter.uniform(0.02, 0.1))
