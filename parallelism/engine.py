@@ -11,6 +11,7 @@ The :class:`Engine` interface the trainer uses: ``train_step(micro_batches) -> l
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -225,7 +226,8 @@ class PlainEngine(Engine):
             self.ds.enable_backward_allreduce = False  # averaging over one rank: a flatten, copy and unflatten
         self._clip = install_clip_norm() if clips else None
         if layout.zero_stage == 0 and not (self.ds.bfloat16_enabled() or self.ds.fp16_enabled()):
-            fixed = FixedParams(self.ds, self._clip, self._all_reduce)  # where DeepSpeed calls them
+            clip = self._clip and functools.partial(self._clip, all_reduce=self._all_reduce)  # its waits timed
+            fixed = FixedParams(self.ds, clip)  # where DeepSpeed calls them
             self.ds.zero_grad, self.ds.clip_fp32_gradients = fixed.zero_grad, fixed.clip_fp32_gradients
         if layout.zero_stage < 3:
             for p in self.ds.module.parameters():
@@ -325,8 +327,8 @@ class FixedParams:
     """DeepSpeed's fp32 ZeRO-0 ``zero_grad`` (every gradient set to None) and ``clip_fp32_gradients`` over a list of
     the parameters made once: DeepSpeed walks ``module.parameters()`` for each, on every step."""
 
-    def __init__(self, ds_engine, clip, all_reduce: Callable):
-        self.ds, self.clip, self.all_reduce = ds_engine, clip, all_reduce  # all_reduce: the engine's, timed
+    def __init__(self, ds_engine, clip):
+        self.ds, self.clip = ds_engine, clip
         self.params = list(ds_engine.module.parameters())
 
     def zero_grad(self) -> None:
@@ -334,7 +336,7 @@ class FixedParams:
             p.grad = None
 
     def clip_fp32_gradients(self) -> None:
-        self.clip(self.params, max_norm=self.ds.gradient_clipping(), mpu=self.ds.mpu, all_reduce=self.all_reduce)
+        self.clip(self.params, max_norm=self.ds.gradient_clipping(), mpu=self.ds.mpu)
 
 
 def inputs_and_labels(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,13 @@ def scontrol_job(job: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
 
+def logged_step(run) -> int:
+    """The last step a job's log reports (0 before the first)."""
+    from launcher.slurm import last_step
+
+    return (last_step(run) or (0,))[0]
+
+
 def wait_for(predicate, what: str, timeout: float = 300, every: float = 0.5, explain=None):
     """Poll ``predicate`` until it is truthy; on timeout fail with ``explain()`` (e.g. the job's log) appended."""
     end = time.time() + timeout

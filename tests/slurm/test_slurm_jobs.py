@@ -11,9 +11,7 @@ import time
 from pathlib import Path
 
 from conftest import REPO, TRAIN_ENV, assert_same_model_state, layout_args, train_command
-from slurm_helpers import scontrol_job, wait_for
-
-from launcher.slurm import last_step
+from slurm_helpers import logged_step, scontrol_job, wait_for
 
 
 def env() -> dict:
@@ -97,7 +95,7 @@ def test_the_time_limit_signal_checkpoints_requeues_and_matches_an_uninterrupted
     assert shown == name
 
     why = lambda: diagnosis(run, job)  # noqa: E731
-    wait_for(lambda: (last_step(run) or (0,))[0] >= 10, "step 10 in the job log", timeout=180, explain=why)
+    wait_for(lambda: logged_step(run) >= 10, "step 10 in the job log", timeout=180, explain=why)
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=2"], check=True)  # USR1 within 30 s
     wait_for(lambda: held_after_requeue(job, 1), "the requeue before the time limit", timeout=180, explain=why)
     release(job, minutes=10)

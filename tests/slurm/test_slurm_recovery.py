@@ -12,10 +12,9 @@ import sys
 import time
 
 from conftest import REPO, assert_same_model_state, layout_args, train_command
-from slurm_helpers import rank_processes, scontrol_job, wait_for
+from slurm_helpers import logged_step, rank_processes, scontrol_job, wait_for
 from test_slurm_jobs import diagnosis, env, release, submit
 
-from launcher.slurm import last_step
 from launcher.supervise import process_state
 
 STEPS = 80
@@ -43,7 +42,6 @@ def stop_in_a_step(run, pid: int, reports: str, why, tries: int = 3) -> float:
     """SIGSTOP ``pid`` until its supervisor reports the hang (``RUN_DIR/hang/<reports>``) within the step timeout;
     returns when the successful stop began. A stop that lands in a checkpoint save is covered by the phase timeout
     (900 s), as it should be: the rank is let go (SIGCONT) and stopped again after its next logged step."""
-    logged = lambda: (last_step(run) or (0,))[0]  # noqa: E731
     for _ in range(tries):
         stopped = time.time()
         os.kill(pid, signal.SIGSTOP)
@@ -52,8 +50,8 @@ def stop_in_a_step(run, pid: int, reports: str, why, tries: int = 3) -> float:
                 return stopped
             time.sleep(0.5)
         os.kill(pid, signal.SIGCONT)
-        before = logged()
-        wait_for(lambda: logged() > before, "a step after the save", timeout=60, explain=why)  # noqa: B023
+        before = logged_step(run)
+        wait_for(lambda: logged_step(run) > before, "a step after the save", timeout=60, explain=why)  # noqa: B023
     raise AssertionError(f"no hang report after {tries} stops of rank pid {pid}" + why())
 
 
@@ -70,7 +68,7 @@ def test_a_crash_and_a_hang_are_requeued_on_the_other_node_and_finish_bitwise_eq
     config = run / "slurm" / "config.yaml"
     why = lambda: diagnosis(run, job)  # noqa: E731
 
-    wait_for(lambda: (last_step(run) or (0,))[0] >= 25, "step 25", timeout=180, explain=why)
+    wait_for(lambda: logged_step(run) >= 25, "step 25", timeout=180, explain=why)
     first_node = scontrol_job(job)["NodeList"]
     os.kill(rank_processes(config)[1], signal.SIGKILL)
     info = wait_for(lambda: pending_after(run, job, 1), "the requeue after the crash", timeout=120, explain=why)
@@ -78,7 +76,7 @@ def test_a_crash_and_a_hang_are_requeued_on_the_other_node_and_finish_bitwise_eq
     assert history(run)[-1][1].startswith(f"crashed: exit 137 on {first_node}; requeued from step_")
 
     release(job, minutes=10)
-    wait_for(lambda: (last_step(run) or (0,))[0] >= 45 and len(rank_processes(config)) == 2, "step 45 after resume",
+    wait_for(lambda: logged_step(run) >= 45 and len(rank_processes(config)) == 2, "step 45 after resume",
              timeout=180, explain=why)  # fmt: skip
     second_node = scontrol_job(job)["NodeList"]
     assert second_node != first_node
@@ -123,7 +121,7 @@ def test_a_crash_before_any_checkpoint_is_not_requeued(slurm_cluster, prepared, 
     run = tmp_path / "early"
     [job] = submit(run, prepared, *RUN, "checkpoint.interval=1000", flags=ONE_NODE)
     config = run / "slurm" / "config.yaml"
-    wait_for(lambda: (last_step(run) or (0,))[0] >= 5, "step 5", timeout=180, explain=lambda: diagnosis(run, job))
+    wait_for(lambda: logged_step(run) >= 5, "step 5", timeout=180, explain=lambda: diagnosis(run, job))
     os.kill(rank_processes(config)[1], signal.SIGKILL)
     wait_for(lambda: scontrol_job(job).get("JobState") == "FAILED", "state FAILED", timeout=120)
     assert scontrol_job(job)["Restarts"] == "0"
@@ -144,9 +142,9 @@ def test_a_rank_paused_from_outside_is_named_as_the_straggler(slurm_cluster, pre
     [job] = submit(run, prepared, *args, flags=("--nodes", "2", "--time", "10"))
     config = run / "slurm" / "config.yaml"
     why = lambda: diagnosis(run, job)  # noqa: E731
-    wait_for(lambda: (last_step(run) or (0,))[0] >= 10 and len(rank_processes(config)) == 2, "step 10", timeout=180,
+    wait_for(lambda: logged_step(run) >= 10 and len(rank_processes(config)) == 2, "step 10", timeout=180,
              explain=why)  # fmt: skip
-    slow, paused_from = rank_processes(config)[1], last_step(run)[0]
+    slow, paused_from = rank_processes(config)[1], logged_step(run)
     until = time.monotonic() + 300  # no scontrol call in the loop: under a shared CPU it took most of a cycle
     jitter, last = random.Random(0), time.monotonic()
     while not (run / "slurm" / "DONE").exists() and time.monotonic() < until:
