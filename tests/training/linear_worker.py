@@ -59,12 +59,13 @@ def compare(ours, theirs, weight=None) -> dict:
     }
 
 
-def decoder_layer_paths() -> dict:
-    """A DecoderLayer (biases, RoPE, dropout 0.1, training) through its own sublayer calls and through megatron's
-    TransformerLayer.forward: the largest differences of output, input gradient and parameter gradients."""
+def decoder_layer_paths(dropout: float, groups: int | None) -> dict:
+    """A DecoderLayer (biases, RoPE, training) through its own sublayer calls (batch-first attention) and through
+    megatron's TransformerLayer.forward: the largest differences of output, input gradient and parameter gradients."""
     from training.model.gpt import DecoderLayer
 
-    m = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, bias=True, dropout=0.1)
+    m = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, bias=True, dropout=dropout,
+                    num_query_groups=groups)  # fmt: skip
     layer = DecoderLayer(transformer_config(m, tp=1), m, 0)
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
@@ -87,6 +88,7 @@ def decoder_layer_paths() -> dict:
         "grads": [(u - v).abs().max().item() for u, v in zip(ga, gb)],
         "other_masks": (a - other_seed).abs().max().item(),  # dropout is active: other masks, other outputs
         "scale": b.abs().max().item(),
+        "batch_first": layer.batch_first is not None,
     }
 
 
@@ -105,7 +107,8 @@ def main() -> None:
             for n, mod in model.named_modules()
             if isinstance(mod, kinds)
         )
-        out["decoder_layer"] = decoder_layer_paths()
+        out["decoder_layer"] = decoder_layer_paths(dropout=0.1, groups=None)
+        out["decoder_layer_gqa"] = decoder_layer_paths(dropout=0.0, groups=2)
         print(json.dumps(out))
     finally:
         shutdown()

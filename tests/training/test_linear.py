@@ -46,9 +46,20 @@ def test_the_decoder_builds_every_linear_native_at_one_rank(compared):
 
 
 def test_the_decoder_layer_calls_megatrons_sublayers_with_the_same_numbers(compared):
-    """Biases, RoPE, dropout 0.1 in training: the layer's direct sublayer calls and megatron's TransformerLayer.forward
-    draw the same dropout masks and give bitwise the same output and gradients."""
+    """Biases, RoPE, dropout 0.1 in training: the layer's direct sublayer calls (its attention batch-first) and
+    megatron's TransformerLayer.forward draw the same dropout masks and give the same output and gradients (to the
+    last bits: SDPA's dropout path multiplies the same numbers laid out differently)."""
     c = compared["decoder_layer"]
+    assert c["batch_first"]
     assert c["other_masks"] > 1e-3 and c["scale"] > 0.1  # dropout draws masks: another seed, another output
+    assert c["out"] <= 1e-6 * c["scale"] and c["dx"] <= 1e-5
+    assert len(c["grads"]) == 10 and max(c["grads"]) <= 1e-4  # qkv, proj, fc1, fc2 weights and biases; two norms
+
+
+def test_batch_first_attention_is_megatrons_bitwise_with_grouped_queries(compared):
+    """Grouped-query attention (4 heads, 2 key/value groups), RoPE, biases, no dropout: the output and the input
+    gradient bitwise megatron's; the weight gradients sum the same products over tokens in another order."""
+    c = compared["decoder_layer_gqa"]
+    assert c["batch_first"] and c["scale"] > 0.1
     assert c["out"] == 0.0 and c["dx"] == 0.0
-    assert len(c["grads"]) == 10 and max(c["grads"]) == 0.0  # qkv, proj, fc1, fc2 weights and biases; two norms
+    assert len(c["grads"]) == 10 and max(c["grads"]) <= 1e-5
