@@ -213,7 +213,8 @@ class Engine:
 
 
 class PlainEngine(Engine):
-    """PP = 1: forward, ``engine.backward`` and ``engine.step`` per micro-batch (DeepSpeed accumulates)."""
+    """PP = 1: forward, ``engine.backward`` and ``engine.step`` per micro-batch (DeepSpeed accumulates; in fp32
+    ZeRO-0 the module and the backward are called directly, see ``_backward``)."""
 
     def __init__(self, ds_engine, layout: Layout, loss_fn):
         super().__init__(ds_engine, layout, loss_fn)

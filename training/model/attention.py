@@ -74,10 +74,11 @@ def runs_batch_first(attention) -> bool:
 
 def batch_first_attention(attention, hidden: torch.Tensor, rope: torch.Tensor | None):
     """``SelfAttention.forward`` of a layer that :func:`runs_batch_first`, computed batch-first: hidden [S, B, H] ->
-    (output [S, B, H], output bias or None). The same weights, operations and numbers (bitwise here); the input is
-    copied to [B, S, H] once, so SDPA reads q, k and v with one token's q/k/v between sequence positions, not a whole
-    batch's (B times farther apart: cache misses in its kernels), as a batch-first model does: 0.25 of 0.9 ms a
-    layer's attention, forward and backward, on the CPU benchmark's shape."""
+    (output [S, B, H], output bias or None). The same weights and operations: bitwise the same output and input
+    gradient here (weight gradients sum over tokens in another order). The input is copied to [B, S, H] once, so
+    SDPA reads q, k and v with one token's q/k/v between sequence positions, not a whole batch's (B times farther
+    apart: cache misses in its kernels), as a batch-first model does: 0.25 of 0.9 ms a layer's attention, forward
+    and backward, on the CPU benchmark's shape."""
     s, b, _ = hidden.shape
     mixed, _ = attention.linear_qkv(hidden.transpose(0, 1).contiguous())  # [B, S, groups * (per group + 2) * hd]
     groups, hd = attention.num_query_groups_per_partition, attention.hidden_size_per_attention_head
