@@ -79,7 +79,7 @@ def bare_loop(cfg, vocab: int, steps: int) -> float:
             for _ in range(gas):
                 tokens = torch.randint(0, vocab, (mbs, seq + 1), device="cuda")
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:]) / gas
+                    loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:], batch_first=model[-1].batch_first) / gas
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

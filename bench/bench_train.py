@@ -80,7 +80,7 @@ def bare_loop(train_args: list[str]):
 
     def step() -> None:
         tokens = torch.randint(0, 4096, (8, cfg.data.seq_length + 1), generator=g)
-        loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:], batch_first=model[-1].batch_first)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -59,19 +59,20 @@ def compare(ours, theirs, weight=None) -> dict:
     }
 
 
-def decoder_layer_paths(dropout: float, groups: int | None) -> dict:
-    """A DecoderLayer (biases, RoPE, training) through its own sublayer calls (batch-first attention) and through
-    megatron's TransformerLayer.forward: the largest differences of output, input gradient and parameter gradients."""
+def decoder_layer_paths(dropout: float, groups: int | None, batch: int) -> dict:
+    """A batch-first DecoderLayer (biases, RoPE, training) through its own sublayer calls (batch-first attention) and
+    through megatron's TransformerLayer.forward (on the input transposed to [S, B, H]): the largest differences of
+    output, input gradient and parameter gradients."""
     from training.model.gpt import DecoderLayer
 
     m = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, bias=True, dropout=dropout,
                     num_query_groups=groups)  # fmt: skip
-    layer = DecoderLayer(transformer_config(m, tp=1), m, 0)
+    layer = DecoderLayer(transformer_config(m, tp=1), m, 0, batch_first=True)
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    x = torch.randn(9, 2, 32, generator=g)
+    x = torch.randn(batch, 9, 32, generator=g)
     runs = []
     for direct, seed in ((True, 5), (False, 5), (True, 6)):
         layer.direct = direct
@@ -88,7 +89,44 @@ def decoder_layer_paths(dropout: float, groups: int | None) -> dict:
         "grads": [(u - v).abs().max().item() for u, v in zip(ga, gb)],
         "other_masks": (a - other_seed).abs().max().item(),  # dropout is active: other masks, other outputs
         "scale": b.abs().max().item(),
-        "batch_first": layer.batch_first is not None,
+        "batch_first": layer.attend_batch_first is not None,
+    }
+
+
+def model_layouts() -> dict:
+    """The whole GPT at one TP rank (learned positions, tied embeddings, biases, 2 layers): batch-first as built,
+    and the same modules switched to megatron's [S, B, H] path (megatron's embedding with its transpose, megatron's
+    attention forward, the loss transposing its labels): the largest differences of logits, loss and gradients."""
+    from training.model.gpt import lm_loss
+
+    m = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, bias=True, position_embedding="learned")
+    model = build_sequential(gpt_layer_specs(m, 200, 16, 1), tie_embeddings=True)
+    g = torch.Generator().manual_seed(13)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    tokens = torch.randint(0, 200, (3, 17), generator=g)
+    first = [mod.batch_first for mod in model if hasattr(mod, "batch_first")]
+    runs = []
+    for batch_first in (True, False):
+        for mod in model:
+            if hasattr(mod, "batch_first"):
+                mod.batch_first = batch_first
+        model.zero_grad()
+        logits = model(tokens[:, :-1])
+        loss = lm_loss(logits, tokens[:, 1:], batch_first=batch_first)
+        loss.backward()
+        logits = logits if batch_first else logits.transpose(0, 1)
+        runs.append((list(logits.shape), logits.detach(), loss.item(), [p.grad.clone() for p in model.parameters()]))
+    (shape, a, la, ga), (_, b, lb, gb) = runs
+    return {
+        "built_batch_first": first,
+        "logits_shape": shape,
+        "logits": (a - b).abs().max().item(),
+        "logits_scale": b.abs().max().item(),
+        "loss": abs(la - lb),
+        "grads": [(u - v).abs().max().item() for u, v in zip(ga, gb)],
+        "grad_scale": max(v.abs().max().item() for v in gb),
     }
 
 
@@ -107,8 +145,10 @@ def main() -> None:
             for n, mod in model.named_modules()
             if isinstance(mod, kinds)
         )
-        out["decoder_layer"] = decoder_layer_paths(dropout=0.1, groups=None)
-        out["decoder_layer_gqa"] = decoder_layer_paths(dropout=0.0, groups=2)
+        # one sequence: [B, S, H] and [S, B, H] are the same memory, so both paths draw the same dropout masks
+        out["decoder_layer"] = decoder_layer_paths(dropout=0.1, groups=None, batch=1)
+        out["decoder_layer_gqa"] = decoder_layer_paths(dropout=0.0, groups=2, batch=2)
+        out["model_layouts"] = model_layouts()
         print(json.dumps(out))
     finally:
         shutdown()

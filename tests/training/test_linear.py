@@ -63,3 +63,16 @@ def test_batch_first_attention_is_megatrons_bitwise_with_grouped_queries(compare
     assert c["batch_first"] and c["scale"] > 0.1
     assert c["out"] == 0.0 and c["dx"] == 0.0
     assert len(c["grads"]) == 10 and max(c["grads"]) <= 1e-5
+
+
+def test_the_model_at_one_rank_is_batch_first_with_megatrons_numbers(compared):
+    """Learned positions, tied embeddings, biases, RMSNorm: the model as built at one TP rank (every stage
+    batch-first) and the same modules on megatron's [S, B, H] path (megatron's embedding forward, attention forward,
+    the loss's label transpose) give the same logits and loss and, to float rounding (tokens summed in another
+    order), gradients."""
+    c = compared["model_layouts"]
+    assert c["built_batch_first"] == [True] * 4  # embedding, two decoder layers, output head (the final norm has none)
+    assert c["logits_shape"] == [3, 16, 256]  # [B, S, V padded to 128s] from the batch-first model itself
+    assert c["logits_scale"] > 0.1 and c["logits"] <= 1e-6 * c["logits_scale"]
+    assert c["loss"] <= 1e-6
+    assert len(c["grads"]) == 23 and max(c["grads"]) <= 1e-5 * c["grad_scale"]  # 2 embeddings, 2 x 10, final norm

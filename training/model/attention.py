@@ -73,14 +73,14 @@ def runs_batch_first(attention) -> bool:
 
 
 def batch_first_attention(attention, hidden: torch.Tensor, rope: torch.Tensor | None):
-    """``SelfAttention.forward`` of a layer that :func:`runs_batch_first`, computed batch-first: hidden [S, B, H] ->
-    (output [S, B, H], output bias or None). The same weights and operations: bitwise the same output and input
-    gradient here (weight gradients sum over tokens in another order). The input is copied to [B, S, H] once, so
-    SDPA reads q, k and v with one token's q/k/v between sequence positions, not a whole batch's (B times farther
-    apart: cache misses in its kernels), as a batch-first model does: 0.25 of 0.9 ms a layer's attention, forward
-    and backward, on the CPU benchmark's shape."""
-    s, b, _ = hidden.shape
-    mixed, _ = attention.linear_qkv(hidden.transpose(0, 1).contiguous())  # [B, S, groups * (per group + 2) * hd]
+    """``SelfAttention.forward`` of a layer that :func:`runs_batch_first`, on a batch-first model's hidden states:
+    [B, S, H] -> (output [B, S, H], output bias or None). The same weights and operations as megatron's on
+    [S, B, H] (tests/training/test_linear.py: bitwise the same output and input gradient; weight gradients sum over
+    tokens in another order). SDPA reads q, k and v with one token's q/k/v between sequence positions, not a whole
+    batch's (B times farther apart in [S, B, H]: cache misses in its CPU kernels), and its output, laid out
+    [B, S, heads, hd] in memory, reaches the output projection without a copy."""
+    b, s, _ = hidden.shape
+    mixed, _ = attention.linear_qkv(hidden)  # [B, S, groups * (per group + 2) * hd]
     groups, hd = attention.num_query_groups_per_partition, attention.hidden_size_per_attention_head
     per_group = attention.num_attention_heads_per_partition // groups
     mixed = mixed.view(b, s, groups, (per_group + 2) * hd)  # megatron's layout: each group's queries, key, value
@@ -95,4 +95,4 @@ def batch_first_attention(attention, hidden: torch.Tensor, rope: torch.Tensor | 
         query = apply_rotary_pos_emb(query, freqs, config=attention.config, cp_group=cp)
         key = apply_rotary_pos_emb(key, freqs, config=attention.config, cp_group=cp)
     context = attention.core_attention.attend(*(x.transpose(1, 2) for x in (query, key, value)))
-    return attention.linear_proj(context.permute(2, 0, 1, 3).reshape(s, b, -1))
+    return attention.linear_proj(context.transpose(1, 2).reshape(b, s, -1))

@@ -4,7 +4,9 @@ The model is a flat list of layers: ``EmbeddingStage``, ``num_layers`` x ``Decod
 ``OutputHead``. The same list becomes an ``nn.Sequential`` (PP = 1) or a DeepSpeed ``PipelineModule`` (PP > 1), so
 parameter names (``"<layer index>.<module path>"``) are the same in both. Every layer-spec choice (local
 pure-PyTorch spec, or Transformer Engine's when installed and a GPU is present) is made in ``layer_spec``.
-Shapes: tokens (B, S) -> hidden [S, B, H] -> logits [S, B, V / tp] (this rank's vocabulary shard).
+Shapes: tokens (B, S) -> hidden [S, B, H] -> logits [S, B, V / tp] (this rank's vocabulary shard), megatron's
+layout; or, where the model runs :func:`batch_first` (one TP rank, SDPA attention), hidden [B, S, H] -> logits
+[B, S, V], as a plain PyTorch GPT does: no transposes between the embedding, the attention and the loss.
 """
 
 from __future__ import annotations
@@ -94,19 +96,40 @@ class SequenceParallelNorm:
         return norm
 
 
+def transformer_engine_layers() -> bool:
+    """True when the layers are Transformer Engine's (installed, with a GPU)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def batch_first(m: ModelConfig, tp: int, recompute: str = "none", sequence_parallel: bool = False) -> bool:
+    """True when the model keeps its hidden states batch-first, [B, S, H]: one TP rank (nothing is split along
+    the sequence or gathered across ranks), the local layers with SDPA attention, no selective recompute (megatron
+    recomputes its core attention then). Every layer then runs :func:`training.model.attention.
+    batch_first_attention`; megatron's [S, B, H] layout would only add a transpose after the embedding and two
+    copies per layer (0.6 ms of a 34 ms CPU step of the benchmark's model)."""
+    return (
+        tp == 1
+        and not sequence_parallel
+        and m.attention == "sdpa"
+        and recompute != "selective"
+        and not transformer_engine_layers()
+    )
+
+
 def layer_spec(normalization: str, sequence_parallel: bool = False, attention: str = "sdpa"):
     """The transformer-layer spec: Transformer Engine's when installed with a GPU, else megatron's local one
     (its linear layers native at one TP rank: ``training.model.linear``; sequence-parallel-capable norms when
     asked; torch SDPA as core attention unless ``attention="megatron"``)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    if torch.cuda.is_available():
-        try:
-            import transformer_engine  # noqa: F401
-
-            return specs.get_gpt_layer_with_transformer_engine_spec()
-        except ImportError:
-            pass
+    if transformer_engine_layers():
+        return specs.get_gpt_layer_with_transformer_engine_spec()
     from training.model.linear import ColumnLinear, RowLinear
 
     spec = specs.get_gpt_layer_local_spec(normalization=normalization)
@@ -130,17 +153,38 @@ def causal_mask(seq: int, device) -> torch.Tensor:
 
 
 class EmbeddingStage(nn.Module):
-    """tokens (B, S) -> [S, B, H]: word embeddings (vocab-parallel) plus learned positions if configured."""
+    """tokens (B, S) -> [S, B, H] (or [B, S, H] batch-first): word embeddings (vocab-parallel) plus learned
+    positions if configured."""
 
-    def __init__(self, config, m: ModelConfig, vocab: int, seq_length: int):
+    def __init__(self, config, m: ModelConfig, vocab: int, seq_length: int, batch_first: bool = False):
         super().__init__()
         from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 
         kind = "learned_absolute" if m.position_embedding == "learned" else "none"
         self.embedding = LanguageModelEmbedding(config, vocab, seq_length, position_embedding_type=kind)
+        self.batch_first = batch_first
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embedding(tokens, positions(tokens.shape[1], tokens.device))
+        ids = positions(tokens.shape[1], tokens.device)
+        if not self.batch_first:
+            return self.embedding(tokens, ids)
+        return self._batch_first(tokens, ids)
+
+    def _batch_first(self, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """What ``LanguageModelEmbedding.forward`` computes at one TP rank without sequence parallelism, before its
+        transpose to [S, B, H]; the word embedding looked up by ``F.embedding`` as megatron's does, without its
+        (identity) reduction over one rank."""
+        e = self.embedding
+        words = e.word_embeddings
+        if words.deterministic_mode:
+            x = words(tokens)
+        else:
+            x = F.embedding(tokens, words.weight)
+        if e.add_position_embedding:
+            x = x + e.position_embeddings(ids)
+        if e.config.fp32_residual_connection:
+            x = x.float()
+        return e.embedding_dropout(x)
 
 
 @functools.lru_cache(maxsize=8)
@@ -167,9 +211,10 @@ def uses_plain_orchestration(layer) -> bool:
 
 
 class DecoderLayer(nn.Module):
-    """[S, B, H] -> [S, B, H]: one megatron-core TransformerLayer with a causal mask and optional RoPE."""
+    """[S, B, H] -> [S, B, H] (or [B, S, H] -> [B, S, H] batch-first): one megatron-core TransformerLayer with a
+    causal mask and optional RoPE."""
 
-    def __init__(self, config, m: ModelConfig, index: int, recompute_full: bool = False):
+    def __init__(self, config, m: ModelConfig, index: int, recompute_full: bool = False, batch_first: bool = False):
         super().__init__()
         from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -187,8 +232,11 @@ class DecoderLayer(nn.Module):
         self.direct = uses_plain_orchestration(self.layer)
         from training.model.attention import batch_first_attention, runs_batch_first
 
-        attention = self.layer.self_attention  # on the direct path, batch-first when it can be
-        self.batch_first = functools.partial(batch_first_attention, attention) if runs_batch_first(attention) else None
+        self.batch_first = batch_first
+        attention = self.layer.self_attention
+        self.attend_batch_first = (
+            functools.partial(batch_first_attention, attention) if batch_first and runs_batch_first(attention) else None
+        )
         self._rope_cache: tuple[int, torch.Tensor] | None = None
 
     def _rotary(self, seq: int) -> torch.Tensor | None:
@@ -199,25 +247,31 @@ class DecoderLayer(nn.Module):
         return self._rope_cache[1]
 
     def _forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.batch_first:
+            return self._seq_first(h)
+        if self.direct and self.attend_batch_first is not None:
+            return self._sublayers(h, self.attend_batch_first, self._rotary(h.shape[1]))
+        # megatron's [S, B, H] inside a batch-first model (two copies): ``direct`` switched off, as the tests do to
+        # compare the two paths, or an attention that cannot run batch-first
+        return self._seq_first(h.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
+
+    def _seq_first(self, h: torch.Tensor) -> torch.Tensor:
         seq = h.shape[0] * (self.layer.config.tensor_model_parallel_size if self.layer.config.sequence_parallel else 1)
         mask, rope = causal_mask(seq, h.device), self._rotary(seq)
         if self.direct:
-            return self._sublayers(h, mask, rope)
+            attention = functools.partial(self.layer.self_attention, attention_mask=mask)
+            return self._sublayers(h, lambda x, r: attention(x, rotary_pos_emb=r), rope)
         out, _ = self.layer(h, attention_mask=mask, rotary_pos_emb=rope)
         return out
 
-    def _sublayers(self, h: torch.Tensor, mask: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+    def _sublayers(self, h: torch.Tensor, attend, rope: torch.Tensor | None) -> torch.Tensor:
         """What ``TransformerLayer.forward`` computes for this model, calling the layer's own submodules in its order:
-        norm, self-attention, bias-dropout-add onto the residual; norm, MLP, bias-dropout-add. Skipped: the
-        orchestration for what the model does not use (cross-attention, norm and MLP recompute, offloading, CUDA
-        graphs, inference kernels): 0.55 of 40 ms in a forward-backward of four small layers on the CPU. Same
-        operations, same numbers (bitwise, tests/training/test_linear.py)."""
+        norm, self-attention (``attend(x, rope)``), bias-dropout-add onto the residual; norm, MLP, bias-dropout-add.
+        Skipped: the orchestration for what the model does not use (cross-attention, norm and MLP recompute,
+        offloading, CUDA graphs, inference kernels): 0.55 of 40 ms in a forward-backward of four small layers on
+        the CPU. Same operations, same numbers (tests/training/test_linear.py)."""
         layer, fused = self.layer, self.layer.config.bias_dropout_fusion
-        x = layer.input_layernorm(h)
-        if self.batch_first is not None:
-            attn = self.batch_first(x, rope)
-        else:
-            attn = layer.self_attention(x, attention_mask=mask, rotary_pos_emb=rope)
+        attn = attend(layer.input_layernorm(h), rope)
         h = layer.self_attn_bda(self.training, fused)(attn, h, layer.hidden_dropout)
         return layer.mlp_bda(self.training, fused)(layer.mlp(layer.pre_mlp_layernorm(h)), h, layer.hidden_dropout)
 
@@ -239,9 +293,12 @@ class FinalNorm(nn.Module):
 
 
 class OutputHead(nn.Module):
-    """[S, B, H] -> logits [S, B, V / tp]; with tied embeddings it borrows the embedding's weight."""
+    """[S, B, H] -> logits [S, B, V / tp] (or [B, S, H] -> [B, S, V] batch-first: ``self.batch_first``); with tied
+    embeddings it borrows the embedding's weight."""
 
-    def __init__(self, config, m: ModelConfig, vocab: int, tied_to: EmbeddingStage | None = None):
+    def __init__(
+        self, config, m: ModelConfig, vocab: int, batch_first: bool = False, tied_to: EmbeddingStage | None = None
+    ):
         super().__init__()
         from training.model.linear import ColumnLinear
 
@@ -255,6 +312,7 @@ class OutputHead(nn.Module):
             skip_weight_param_allocation=tied_to is not None,
         )
         self._tied = [tied_to] if tied_to is not None else []  # a list: not registered as a submodule
+        self.batch_first = batch_first
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         weight = self._tied[0].embedding.word_embeddings.weight if self._tied else None
@@ -262,8 +320,9 @@ class OutputHead(nn.Module):
         return logits
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the trained labels; logits [S, B, V/tp] (vocab-parallel), labels (B, S).
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, batch_first: bool = False) -> torch.Tensor:
+    """Mean next-token cross-entropy over the trained labels; logits [S, B, V/tp] (vocab-parallel), or [B, S, V]
+    with ``batch_first`` (one TP rank), labels (B, S).
 
     Prompt tokens of fine-tuning data (negative labels) are not counted. No host synchronization: the count of
     trained labels stays on the device. With one tensor-parallel rank torch's fused cross-entropy does the work
@@ -273,12 +332,13 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 
-    labels = labels.transpose(0, 1).contiguous()
+    if not batch_first:
+        labels = labels.transpose(0, 1).contiguous()
     keep = trained(labels)
     count = keep.sum().clamp(min=1)
     initialized = parallel_state.model_parallel_is_initialized()
     if not initialized or parallel_state.get_tensor_model_parallel_world_size() == 1:
-        flat = labels.masked_fill(~keep, -100).view(-1)
+        flat = labels.masked_fill(~keep, -100).reshape(-1)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), flat, reduction="sum") / count
     per_token = vocab_parallel_cross_entropy(logits.float(), labels.clamp(min=0))
     return (per_token * keep).sum() / count
@@ -296,9 +356,10 @@ def gpt_layer_specs(
     """The model as (class, args) pairs, built lazily so each pipeline stage builds only its own layers."""
     config = transformer_config(m, tp, precision, recompute, sequence_parallel)
     vocab = padded_vocab(vocab_size)
-    layers: list[tuple[type, tuple]] = [(EmbeddingStage, (config, m, vocab, seq_length))]
-    layers += [(DecoderLayer, (config, m, i, recompute == "full")) for i in range(m.num_layers)]
-    layers += [(FinalNorm, (config, m)), (OutputHead, (config, m, vocab))]
+    first = batch_first(m, tp, recompute, sequence_parallel)
+    layers: list[tuple[type, tuple]] = [(EmbeddingStage, (config, m, vocab, seq_length, first))]
+    layers += [(DecoderLayer, (config, m, i, recompute == "full", first)) for i in range(m.num_layers)]
+    layers += [(FinalNorm, (config, m)), (OutputHead, (config, m, vocab, first))]
     return layers
 
 

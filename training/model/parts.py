@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -32,7 +33,8 @@ def model_parts(
             p.activation_checkpointing,
             p.sequence_parallel,
         )
-        loss_fn = gpt.lm_loss
+        first = gpt.batch_first(m, p.tp, p.activation_checkpointing, p.sequence_parallel)
+        loss_fn = functools.partial(gpt.lm_loss, batch_first=first)  # the logits' layout, as the head's
 
         def build() -> nn.Module:
             return gpt.build_sequential(specs, m.tie_embeddings)

@@ -35,7 +35,9 @@ def main(config: str, vocab: int, tokens_file: str, out_file: str, *overrides: s
             torch.save(weights, out_file + ".weights")  # (megatron adds non-tensor _extra_state entries)
         tokens = torch.load(tokens_file, weights_only=True)
         with torch.no_grad():
-            logits = model(tokens)  # [S, B, V/tp]
+            logits = model(tokens)  # [S, B, V/tp], or [B, S, V] from a batch-first model
+        if model[-1].batch_first:
+            logits = logits.transpose(0, 1)
         if layout.tp > 1:
             parts_ = [torch.empty_like(logits) for _ in range(layout.tp)]
             dist.all_gather(parts_, logits.contiguous(), group=layout.tp_group)
