@@ -238,10 +238,25 @@ def assert_same_model_state(run_a: Path, run_b: Path) -> None:
     assert {k.split("/")[0] for k in keys} >= {"param", "exp_avg", "exp_avg_sq"}
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """`make test` runs the suite in two pytest workers (`-n 2 --dist loadgroup`): a module's tests stay on one
-    worker (its module fixtures run once), and every Slurm test shares the worker that started the local cluster."""
+    worker (its module fixtures run once), and every Slurm test shares the worker that started the local cluster.
+    First among the hooks: pytest-xdist's, registered after this file, would otherwise read the groups before
+    they are set."""
     for item in items:
         rel = item.path.relative_to(REPO / "tests")
         group = "slurm" if rel.parts[0] == "slurm" else rel.as_posix()
         item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_collection_finish(session):
+    """In a pytest-xdist worker of `--dist loadgroup`, stop unless xdist put the groups into the test ids. They were
+    silently dropped before (the groups were set after xdist read them, and xdist 3.8 writes ``item._nodeid``, which
+    pytest 9 no longer reads): the Slurm tests ran on both workers, each starting and stopping the same cluster."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and session.config.getoption("loadgroup", False) and session.items:
+        if "@" not in session.items[0].nodeid:
+            raise pytest.UsageError(
+                "pytest-xdist ignored the test groups (pin pytest and pytest-xdist as in "
+                "constraints.txt): the Slurm tests would share one cluster across workers"
+            )
