@@ -111,10 +111,8 @@ def install_clip_norm():
             total = total * 1.0 / float(dist.get_world_size(dp_group))
             all_reduce(total, group=dp_group)
         total = total.to(device)
-        coef = torch.min(
-            torch.tensor([1.0], device=device), torch.tensor([float(max_norm)], device=device) / (total + 1e-6)
-        )
-        torch._foreach_mul_([p.grad for p in params], coef.reshape(()))
+        coef = (torch.full_like(total, float(max_norm)) / (total + 1e-6)).clamp(max=1.0)  # filled there: no copy in
+        torch._foreach_mul_([p.grad for p in params], coef)
         clip.last = total
         return total
 

@@ -85,7 +85,9 @@ def test_a_crash_and_a_hang_are_requeued_on_the_other_node_and_finish_bitwise_eq
     assert info["ExcNodeList"] == second_node
     assert history(run)[-1][1].startswith(f"hang: exit 76 on {second_node}; requeued from step_")
     reports = {r: json.loads((run / "hang" / f"job{job}-r1-rank-{r:05d}.json").read_text()) for r in (0, 1)}
-    assert reports[0]["process_state"] == "T" and reports[1]["process_state"] == "S"  # stopped, and waiting on it
+    # the stopped rank is named by its state; the other waits on it, asleep or (when rank 0's supervisor resumed it
+    # for a moment to print its stack, which can move the collective on) just woken: anything but stopped
+    assert reports[0]["process_state"] == "T" and reports[1]["process_state"] in ("S", "R")
     for r, rep in reports.items():
         assert STEP_TIMEOUT <= rep["seconds_since_heartbeat"] <= STEP_TIMEOUT + 5 and rep["phase"] == "step"
         assert stopped < rep["time"] <= stopped + STEP_TIMEOUT + 10
