@@ -29,7 +29,7 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8,<9", "pytest-timeout>=2.3", "pytest-xdist>=3.5"],  # xdist groups: pytest 8 (conftest)
         "hf": ["transformers>=4.45"],
         "harness": ["lm-eval>=0.4.5,<0.5"],
     },
