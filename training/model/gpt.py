@@ -5,7 +5,7 @@ The model is a flat list of layers: ``EmbeddingStage``, ``num_layers`` x ``Decod
 parameter names (``"<layer index>.<module path>"``) are the same in both. Every layer-spec choice (local
 pure-PyTorch spec, or Transformer Engine's when installed and a GPU is present) is made in ``layer_spec``.
 Shapes: tokens (B, S) -> hidden [S, B, H] -> logits [S, B, V / tp] (this rank's vocabulary shard), megatron's
-layout; or, where the model runs :func:`batch_first` (one TP rank, SDPA attention), hidden [B, S, H] -> logits
+layout; or, where the model runs :func:`batch_first_layout` (one TP rank, SDPA attention), hidden [B, S, H] -> logits
 [B, S, V], as a plain PyTorch GPT does: no transposes between the embedding, the attention and the loss.
 """
 
@@ -107,7 +107,7 @@ def transformer_engine_layers() -> bool:
     return True
 
 
-def batch_first(m: ModelConfig, tp: int, recompute: str = "none", sequence_parallel: bool = False) -> bool:
+def batch_first_layout(m: ModelConfig, tp: int, recompute: str = "none", sequence_parallel: bool = False) -> bool:
     """True when the model keeps its hidden states batch-first, [B, S, H]: one TP rank (nothing is split along
     the sequence or gathered across ranks), the local layers with SDPA attention, no selective recompute (megatron
     recomputes its core attention then). Every layer then runs :func:`training.model.attention.
@@ -259,8 +259,8 @@ class DecoderLayer(nn.Module):
         seq = h.shape[0] * (self.layer.config.tensor_model_parallel_size if self.layer.config.sequence_parallel else 1)
         mask, rope = causal_mask(seq, h.device), self._rotary(seq)
         if self.direct:
-            attention = functools.partial(self.layer.self_attention, attention_mask=mask)
-            return self._sublayers(h, lambda x, r: attention(x, rotary_pos_emb=r), rope)
+            attention = self.layer.self_attention
+            return self._sublayers(h, lambda x, r: attention(x, attention_mask=mask, rotary_pos_emb=r), rope)
         out, _ = self.layer(h, attention_mask=mask, rotary_pos_emb=rope)
         return out
 
@@ -356,7 +356,7 @@ def gpt_layer_specs(
     """The model as (class, args) pairs, built lazily so each pipeline stage builds only its own layers."""
     config = transformer_config(m, tp, precision, recompute, sequence_parallel)
     vocab = padded_vocab(vocab_size)
-    first = batch_first(m, tp, recompute, sequence_parallel)
+    first = batch_first_layout(m, tp, recompute, sequence_parallel)
     layers: list[tuple[type, tuple]] = [(EmbeddingStage, (config, m, vocab, seq_length, first))]
     layers += [(DecoderLayer, (config, m, i, recompute == "full", first)) for i in range(m.num_layers)]
     layers += [(FinalNorm, (config, m)), (OutputHead, (config, m, vocab, first))]

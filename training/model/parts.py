@@ -33,7 +33,7 @@ def model_parts(
             p.activation_checkpointing,
             p.sequence_parallel,
         )
-        first = gpt.batch_first(m, p.tp, p.activation_checkpointing, p.sequence_parallel)
+        first = gpt.batch_first_layout(m, p.tp, p.activation_checkpointing, p.sequence_parallel)
         loss_fn = functools.partial(gpt.lm_loss, batch_first=first)  # the logits' layout, as the head's
 
         def build() -> nn.Module:
